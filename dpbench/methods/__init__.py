@@ -1,0 +1,21 @@
+"""Methods by name: each is a function (config, run folder) → :class:`RunRecord`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig
+
+from dpbench.errors import ConfigError
+from dpbench.results.schema import RunRecord
+
+Runner = Callable[[DictConfig, Path], RunRecord]
+
+
+def get_runner(kind: str) -> Runner:
+    """``method.kind`` → its runner (imported lazily so the CLI starts fast)."""
+    if kind == "finetune":
+        from dpbench.methods.finetune import run
+
+        return run
+    raise ConfigError(f"unknown method.kind '{kind}'; choose one of: finetune")

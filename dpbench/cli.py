@@ -1,0 +1,97 @@
+"""The ``dpbench`` command: one run (or a sweep with ``-m``) from Hydra configs in ``conf/``.
+
+Errors in the user's input print one line that names the fix and exit with status 2; a run that
+fails leaves ``results.json`` with ``status: "failed"``, never ``"ok"``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "task", "method", "privacy", "trainer", "logger", "experiment")
+_failures: list[str] = []
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "opacus"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def check_group_choices(argv: list[str]) -> str | None:
+    """One-line message for an override naming a config file that does not exist (``model=nope``)."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in GROUPS or value in ("null", ""):
+            continue
+        options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in options:
+                return f"unknown {key} '{choice}'; choose one of: {', '.join(options)}"
+    return None
+
+
+def _run_job(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from dpbench.config import validate
+    from dpbench.errors import DPBenchError
+    from dpbench.methods import get_runner
+    from dpbench.results.io import RESULTS_FILE, write_json_atomic
+    from dpbench.pipeline import set_threads
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    results = out_dir / RESULTS_FILE
+    if results.exists():
+        results.unlink()  # a stale record must never stand in for this run
+    try:
+        validate(cfg)
+        set_threads(cfg)
+        record = get_runner(cfg.method.get("kind", "finetune"))(cfg, out_dir)
+    except (DPBenchError, Exception) as e:  # noqa: BLE001 - every failure is recorded, then reported
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        try:
+            write_json_atomic(results, {"status": "failed", "error": message, "task": cfg.task.get("name"),
+                                        "model": cfg.model.get("name"), "method": cfg.method.get("name"),
+                                        "seed": cfg.get("seed"), "config": OmegaConf.to_container(cfg)})
+        except OSError:
+            pass
+        if not isinstance(e, DPBenchError):
+            raise
+        print(f"dpbench: error: {message}", file=sys.stderr)
+        _failures.append(message)
+        return
+    write_json_atomic(results, record.to_dict())
+    eps = record.privacy.epsilon
+    privacy = "non-private" if eps is None else f"ε={eps:.3f} (target {record.privacy.target_epsilon})"
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items())
+    print(f"dpbench: {record.method} on {record.task} ({record.model}): {metrics}; {privacy}; "
+          f"{record.timing['steps']} steps in {record.timing['train_s']:.1f}s → {results}")
+
+
+def main() -> None:
+    _quiet()
+    problem = check_group_choices(sys.argv[1:])
+    if problem:
+        print(f"dpbench: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    import hydra
+
+    app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_run_job)
+    app()
+    if _failures:
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Checks on a composed config that Hydra cannot do: one-line errors that name the fix."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import DictConfig
+
+from dpbench.errors import ConfigError
+
+
+def _num(cfg: DictConfig, key: str) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for values no run could use."""
+    private = bool(_num(cfg, "method.private"))
+    eps = _num(cfg, "privacy.epsilon")
+    sigma = _num(cfg, "privacy.noise_multiplier")
+    if private:
+        if sigma is None and (eps is None or not _finite(eps) or eps <= 0):
+            raise ConfigError(f"privacy.epsilon must be a number > 0 (got {eps}); set e.g. privacy.epsilon=8")
+        if sigma is not None and (not _finite(sigma) or sigma < 0):
+            raise ConfigError(f"privacy.noise_multiplier must be >= 0 (got {sigma}); or set it to null to calibrate")
+        clip = _num(cfg, "privacy.clip_norm")
+        if clip is None or not _finite(clip) or clip <= 0:
+            raise ConfigError(f"privacy.clip_norm must be > 0 (got {clip}); set e.g. privacy.clip_norm=1.0")
+    delta = _num(cfg, "privacy.delta")
+    if delta is not None and not (_finite(delta) and 0 < delta < 1):
+        raise ConfigError(f"privacy.delta must be in (0, 1) (got {delta}); set it to null for 1/(2n)")
+    for key in ("privacy.batch_size", "privacy.physical_batch_size"):
+        v = _num(cfg, key)
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{key} must be an integer >= 1 (got {v})")
+    epochs, max_steps = _num(cfg, "privacy.epochs"), _num(cfg, "trainer.max_steps")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ConfigError(f"trainer.max_steps must be an integer >= 1 or null (got {max_steps})")
+    if max_steps is None and (epochs is None or not _finite(epochs) or epochs <= 0):
+        raise ConfigError(f"privacy.epochs must be > 0 (got {epochs}); or set trainer.max_steps")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

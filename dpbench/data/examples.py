@@ -1,0 +1,44 @@
+"""The in-memory dataset type shared by all loaders."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from dpbench.errors import ConfigError, DataError
+
+
+@dataclass
+class TextClassificationData:
+    """Parallel lists of texts and integer labels; ``text_b`` is None for single-sentence tasks."""
+
+    text_a: list[str]
+    text_b: list[str] | None
+    labels: list[int]
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if len(self.text_a) != n or (self.text_b is not None and len(self.text_b) != n):
+            raise DataError(
+                f"text_a/text_b/labels have different lengths ({len(self.text_a)}, "
+                f"{None if self.text_b is None else len(self.text_b)}, {n}); "
+                "build TextClassificationData from parallel lists"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int | None, seed: int) -> TextClassificationData:
+        """A random subset of ``n`` examples drawn without replacement (kept in original order).
+
+        ``n`` None or >= len(self) returns ``self`` unchanged.
+        """
+        if n is None or n >= len(self):
+            return self
+        if n < 1:
+            raise ConfigError(f"subset size must be >= 1 (got {n}); use null for the full dataset")
+        idx = sorted(random.Random(seed).sample(range(len(self)), n))
+        return TextClassificationData(
+            text_a=[self.text_a[i] for i in idx],
+            text_b=None if self.text_b is None else [self.text_b[i] for i in idx],
+            labels=[self.labels[i] for i in idx],
+        )

@@ -1,0 +1,127 @@
+"""The Lightning module every classification method trains with; the DP step lives here once.
+
+A training step receives one logical batch, splits it into physical micro-batches, and hands each
+micro-batch's per-sample losses to the gradient engine (which clips and sums). Lightning then calls
+``optimizer.step(closure)``; :class:`~dpbench.privacy.optimizer.PrivateOptimizer` runs the closure,
+adds the noise once for the logical batch and steps. ``backward`` is a no-op because the engine has
+already done the backward passes inside the closure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dpbench.data.metrics import make_metrics
+from dpbench.data.tasks import TaskSpec
+from dpbench.models.registry import LoadedModel
+from dpbench.privacy.engine import make_engine
+from dpbench.privacy.optimizer import PrivateOptimizer
+from dpbench.privacy.sampling import microbatch_slices
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adam"          # adam (AdamW, decoupled weight decay) | sgd
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.0       # sgd only
+    schedule: str = "linear"    # linear decay to 0 | constant
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """What the step needs to be private; ``None`` in its place means non-private training."""
+
+    noise_multiplier: float
+    clip_norm: float
+    expected_batch_size: float
+    engine: str = "bk"
+    clipping: str = "flat"
+    noise_seed: int = 0
+
+
+class ClassifierModule(L.LightningModule):
+    """Fine-tunes ``lm.model``'s trainable parameters on a classification task."""
+
+    def __init__(self, lm: LoadedModel, spec: TaskSpec, optim: OptimConfig, dp: DPConfig | None,
+                 physical_batch_size: int, total_steps: int) -> None:
+        super().__init__()
+        self.lm, self.spec, self.optim_cfg, self.dp = lm, spec, optim, dp
+        self.model = lm.model
+        self.physical_batch_size = physical_batch_size
+        self.total_steps = total_steps
+        self.engine = make_engine(dp.engine if dp else "none", self.model, dp.clip_norm if dp else None,
+                                  dp.clipping if dp else "flat")
+        self.val_metrics = make_metrics(spec)
+        self.final_metrics: dict[str, float] = {}
+        self.automatic_optimization = True
+
+    # -- training ------------------------------------------------------------------------------
+    def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        logits = self.engine.module(**self.lm.inputs(batch)).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        n = batch["labels"].shape[0]
+        total = torch.zeros((), device=self.device)
+        for sl in microbatch_slices(n, self.physical_batch_size):
+            losses = self.per_sample_loss({k: v[sl] for k, v in batch.items()})
+            self.engine.accumulate(losses)
+            total += losses.detach().sum()
+        loss = total / max(n, 1)
+        self.log("train_loss", loss, prog_bar=True, batch_size=max(n, 1))
+        self.log("batch_size", float(n), prog_bar=True, batch_size=1)
+        return loss
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Gradients were accumulated by the engine in ``training_step``; nothing to do."""
+
+    def configure_optimizers(self):
+        params = self.engine.params
+        c = self.optim_cfg
+        if c.name == "adam":
+            inner = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        elif c.name == "sgd":
+            inner = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {c.name!r}")
+        generator = None
+        if self.dp is not None:
+            generator = torch.Generator(device=self.device).manual_seed(self.dp.noise_seed)
+        opt = PrivateOptimizer(inner, self.engine,
+                               noise_multiplier=self.dp.noise_multiplier if self.dp else None,
+                               expected_batch_size=self.dp.expected_batch_size if self.dp else None,
+                               generator=generator)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _lr_lambda(self, step: int) -> float:
+        c = self.optim_cfg
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if c.schedule == "constant":
+            return 1.0
+        remaining = max(self.total_steps - c.warmup_steps, 1)
+        return max(0.0, 1.0 - (step - c.warmup_steps) / remaining)
+
+    @property
+    def steps_taken(self) -> int:
+        """Noised optimizer steps actually run (what the accountant must see)."""
+        return self.trainer.optimizers[0].steps if self._trainer is not None and self.trainer.optimizers else 0
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits = self.model(**self.lm.inputs(batch)).logits
+        self.val_metrics.update(logits.argmax(-1), batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        values = {k: float(v) for k, v in self.val_metrics.compute().items()}
+        self.val_metrics.reset()
+        self.final_metrics = values
+        self.log_dict({f"val_{k}": v for k, v in values.items()}, prog_bar=True)

@@ -1,0 +1,90 @@
+"""Build a (model, tokenizer) pair from a model config: hub name, local path, packaged weights or a
+random-init config. The model-family quirks (which inputs to pass explicitly) live here, once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
+
+from dpbench.errors import ConfigError
+from dpbench.models.tokenizers import load_tokenizer, resolve_source
+
+FAMILIES = ("bert", "roberta", "distilbert", "gpt2", "llama")
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
+                "attention_dropout", "seq_classif_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                "summary_first_dropout")
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and the family whose input conventions it follows."""
+
+    name: str
+    family: str
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+
+    def inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Model kwargs for a collated batch. Position (and token-type) ids are passed explicitly
+        with a real batch dimension, so per-sample hooks see (B, T) inputs, never a broadcast
+        buffer. RoBERTa derives positions from ``input_ids`` per sample, so it gets none."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        kw: dict[str, Tensor] = {"input_ids": ids, "attention_mask": mask}
+        if self.family != "roberta":
+            kw["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        if self.family in ("bert", "roberta"):
+            kw["token_type_ids"] = batch.get("token_type_ids", torch.zeros_like(ids))
+        return kw
+
+    def num_params(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return {"trainable": trainable, "total": total}
+
+
+def _set_dropout(config: Any, p: float) -> None:
+    for key in DROPOUT_KEYS:
+        if getattr(config, key, None) is not None:
+            setattr(config, key, p)
+
+
+def load_model(cfg: Mapping[str, Any], num_labels: int) -> LoadedModel:
+    """Load the model described by ``cfg`` (a ``conf/model/*.yaml`` node) with a fresh
+    ``num_labels``-way classification head."""
+    family = cfg.get("family")
+    if family not in FAMILIES:
+        raise ConfigError(f"model.family '{family}' is not supported; choose one of: {', '.join(FAMILIES)}")
+    pretrained = cfg.get("pretrained")
+    tokenizer_source = cfg.get("tokenizer") or pretrained
+    if tokenizer_source is None:
+        raise ConfigError(f"model '{cfg.get('name')}' has neither model.pretrained nor model.tokenizer; set one")
+    tokenizer = load_tokenizer(tokenizer_source, cfg.get("tokenizer_kind", "auto"))
+
+    overrides = dict(cfg.get("config") or {})
+    if pretrained is None:  # random init from a config: tests and smoke runs
+        overrides.setdefault("vocab_size", len(tokenizer))
+        overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
+        config = AutoConfig.for_model(family, num_labels=num_labels, **overrides)
+    else:
+        source = resolve_source(pretrained)
+        try:
+            config = AutoConfig.from_pretrained(source, num_labels=num_labels, **overrides)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load model '{pretrained}' ({type(e).__name__}); give a local folder, "
+                              "an installed pkg:// source, or a hub name with network") from None
+    if cfg.get("dropout") is not None:
+        _set_dropout(config, float(cfg["dropout"]))
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+
+    seed = cfg.get("init_seed")
+    if seed is not None:
+        torch.manual_seed(int(seed))
+    if pretrained is None:
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(source, config=config)
+    return LoadedModel(name=str(cfg.get("name")), family=family, model=model, tokenizer=tokenizer)

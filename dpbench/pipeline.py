@@ -1,0 +1,199 @@
+"""One run, from a composed config to a ``results.json``: the path every method shares.
+
+config → task data → privacy plan (σ calibrated for the steps that will run) → method → record.
+Multi-stage methods call :func:`train_classifier` once per stage and compose their stages in the
+accountant; every stage that reads private data appears in ``privacy.stages``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dpbench.data.datamodule import TextDataModule
+from dpbench.data.examples import TextClassificationData
+from dpbench.data.glue import load_glue
+from dpbench.data.synthetic import make_synthetic
+from dpbench.data.tasks import TaskSpec, get_task_spec
+from dpbench.errors import ConfigError, DataError
+from dpbench.methods.base import ClassifierModule, DPConfig, OptimConfig
+from dpbench.models.registry import LoadedModel
+from dpbench.privacy.accounting import Stage, calibrate_noise, compute_epsilon, default_delta
+from dpbench.privacy.sampling import PoissonBatchSampler, ShuffleBatchSampler
+from dpbench.results.io import git_info, peak_rss_mb, versions
+from dpbench.results.schema import STATUS_OK, PrivacyRecord, RunRecord
+
+ACCOUNTANT = "prv"
+
+
+# -- data ----------------------------------------------------------------------------------------
+def load_task(task: DictConfig, seed: int) -> tuple[TaskSpec, TextClassificationData, TextClassificationData]:
+    """The task's spec and its train/dev data (synthetic in code, GLUE from ``task.data_dir``)."""
+    spec = get_task_spec(task.name)
+    if spec.name.startswith("synthetic"):
+        pair = spec.is_pair
+        data_seed = task.get("data_seed", 0)
+        train = make_synthetic(int(task.num_train), pair=pair, seed=data_seed, label_noise=task.get("label_noise", 0.0))
+        dev = make_synthetic(int(task.num_dev), pair=pair, seed=data_seed + 10_000)
+    else:
+        train = load_glue(spec.name, "train", task.get("data_dir"))
+        dev = load_glue(spec.name, "dev", task.get("data_dir"))
+        train = train.subset(task.get("max_train_examples"), seed=seed)
+        dev = dev.subset(task.get("max_eval_examples"), seed=0)
+    bad = [y for y in train.labels + dev.labels if not 0 <= y < spec.num_labels]
+    if bad:
+        raise DataError(f"label {bad[0]} is out of range for task {spec.name} ({spec.num_labels} classes); fix the data")
+    return spec, train, dev
+
+
+# -- privacy plan --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """How one training stage samples and how much noise it adds."""
+
+    private: bool
+    batch_size: int                 # expected logical batch size B (Poisson) or the fixed size
+    sample_rate: float              # q = B / n
+    steps: int
+    delta: float | None
+    noise_multiplier: float | None
+    target_epsilon: float | None
+    clip_norm: float | None
+
+
+def plan_privacy(cfg: DictConfig, n: int, *, private: bool, target_epsilon: float | None = None,
+                 prior_stages: Sequence[Stage] = (), steps: int | None = None) -> PrivacyPlan:
+    """Steps from ``trainer.max_steps`` (else ``privacy.epochs``·n/B); σ calibrated so that the PRV
+    upper bound of ε for ``prior_stages`` + this stage is ≤ the target (or taken from
+    ``privacy.noise_multiplier`` and checked)."""
+    p = cfg.privacy
+    if n < 1:
+        raise DataError("the training set is empty; check task.data_dir or the task size settings")
+    b = int(p.batch_size)
+    if b > n:
+        raise ConfigError(f"privacy.batch_size ({b}) exceeds the training set size ({n}); lower privacy.batch_size")
+    q = b / n
+    if steps is None:
+        max_steps = cfg.trainer.get("max_steps")
+        steps = int(max_steps) if max_steps else max(1, math.ceil(float(p.epochs) * n / b))
+    if not private:
+        return PrivacyPlan(False, b, q, steps, None, None, None, None)
+    delta = float(p.delta) if p.get("delta") is not None else default_delta(n)
+    if delta >= 1.0 / n and not p.get("allow_large_delta", False):
+        raise ConfigError(f"privacy.delta={delta:g} is not below 1/n={1 / n:g}; lower it or set privacy.allow_large_delta=true")
+    target = float(target_epsilon if target_epsilon is not None else p.epsilon) if (
+        target_epsilon is not None or p.get("epsilon") is not None) else None
+    sigma = p.get("noise_multiplier")
+    if sigma is None:
+        sigma = calibrate_noise(target, q, steps, delta, prior_stages=prior_stages)
+    else:
+        eps = compute_epsilon([*prior_stages, Stage("check", float(sigma), q, steps)], delta).upper
+        if target is not None and eps > target:
+            raise ConfigError(f"privacy.noise_multiplier={sigma} gives ε={eps:.3f} > target {target}; "
+                              "raise it or set it to null to calibrate")
+    return PrivacyPlan(True, b, q, steps, delta, float(sigma), target, float(p.clip_norm))
+
+
+# -- one training stage --------------------------------------------------------------------------
+@dataclass
+class StageResult:
+    metrics: dict[str, float]
+    stage: Stage | None             # None for non-private stages
+    train_s: float
+    steps: int
+    module: ClassifierModule = field(repr=False)
+
+
+def make_sampler(plan: PrivacyPlan, n: int, seed: int):
+    if plan.private:  # the sampling the accountant assumes: independent inclusion with rate q
+        return PoissonBatchSampler(n, plan.sample_rate, plan.steps, seed=seed)
+    return ShuffleBatchSampler(n, plan.batch_size, plan.steps, seed=seed)
+
+
+def optim_config(method: DictConfig) -> OptimConfig:
+    return OptimConfig(**OmegaConf.to_container(method.optimizer, resolve=True))
+
+
+def make_logger(cfg: DictConfig, out_dir: Path, stage: str):
+    name = cfg.logger.get("name", "csv")
+    if name == "csv":
+        return L.pytorch.loggers.CSVLogger(save_dir=str(out_dir), name="logs", version=stage)
+    if name == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("logger=wandb needs wandb; `pip install dpbench-lm[wandb]` or use logger=csv") from None
+        return L.pytorch.loggers.WandbLogger(project=cfg.logger.get("project", "dpbench"), save_dir=str(out_dir),
+                                             offline=cfg.logger.get("mode", "offline") == "offline",
+                                             name=f"{out_dir.name}-{stage}",
+                                             config=OmegaConf.to_container(cfg, resolve=True))
+    if name in (None, "none"):
+        return False
+    raise ConfigError(f"unknown logger '{name}'; use logger=csv or logger=wandb")
+
+
+def train_classifier(cfg: DictConfig, lm: LoadedModel, spec: TaskSpec, train: TextClassificationData,
+                     dev: TextClassificationData, plan: PrivacyPlan, out_dir: Path, *,
+                     stage_name: str = "train", seed: int = 0) -> StageResult:
+    """Train ``lm``'s trainable parameters under ``plan``, then evaluate on ``dev``."""
+    p = cfg.privacy
+    dp = None
+    if plan.private:
+        dp = DPConfig(noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
+                      expected_batch_size=plan.batch_size, engine=p.get("engine", "bk"),
+                      clipping=p.get("clipping", "flat"), noise_seed=seed + 1)
+    module = ClassifierModule(lm, spec, optim_config(cfg.method), dp, int(p.physical_batch_size), plan.steps)
+    data = TextDataModule(train, dev, lm.tokenizer, int(cfg.task.max_length), make_sampler(plan, len(train), seed),
+                          eval_batch_size=int(cfg.trainer.get("eval_batch_size", 64)))
+    t = cfg.trainer
+    trainer = L.Trainer(
+        accelerator=t.get("accelerator", "cpu"), devices=t.get("devices", 1), precision=t.get("precision", "32-true"),
+        max_epochs=1, max_steps=-1, num_sanity_val_steps=0, enable_checkpointing=False,
+        use_distributed_sampler=False, logger=make_logger(cfg, out_dir, stage_name),
+        log_every_n_steps=int(t.get("log_every_n_steps", 10)), enable_progress_bar=bool(t.get("progress_bar", True)),
+        enable_model_summary=False, default_root_dir=str(out_dir),
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    train_s = time.perf_counter() - start
+    trainer.validate(module, datamodule=data, verbose=False)
+    steps = module.steps_taken
+    if steps != plan.steps:
+        raise RuntimeError(f"stage '{stage_name}' ran {steps} of {plan.steps} planned steps; not recording it as complete")
+    stage = Stage(stage_name, plan.noise_multiplier, plan.sample_rate, steps) if plan.private else None
+    module.engine.close()
+    return StageResult(dict(module.final_metrics), stage, train_s, steps, module)
+
+
+# -- the record ----------------------------------------------------------------------------------
+def privacy_record(stages: Sequence[Stage], delta: float | None, target: float | None,
+                   clip_norm: float | None) -> PrivacyRecord:
+    """ε computed by the accountant from the stages actually run (never typed)."""
+    if not stages:
+        return PrivacyRecord(None, None, None, None, None, [])
+    rep = compute_epsilon(stages, delta)
+    return PrivacyRecord(epsilon=rep.upper, target_epsilon=target, delta=delta, accountant=ACCOUNTANT,
+                         clip_norm=clip_norm, stages=[s.to_dict() for s in stages],
+                         epsilon_estimate=rep.estimate, epsilon_lower=rep.lower, epsilon_rdp=rep.rdp)
+
+
+def make_record(cfg: DictConfig, *, metrics: dict[str, float], privacy: PrivacyRecord, params: dict[str, int],
+                train_s: float, steps: int, extra: dict[str, Any] | None = None) -> RunRecord:
+    return RunRecord(
+        status=STATUS_OK, task=cfg.task.name, model=cfg.model.name, method=cfg.method.name, seed=int(cfg.seed),
+        config=OmegaConf.to_container(cfg, resolve=True), metrics=metrics, privacy=privacy, params=params,
+        timing={"train_s": round(train_s, 3), "steps": steps}, memory={"peak_rss_mb": round(peak_rss_mb(), 1)},
+        versions=versions(), git=git_info(), extra=extra or {},
+    )
+
+
+def set_threads(cfg: DictConfig) -> None:
+    threads = cfg.trainer.get("num_threads")
+    if threads:
+        torch.set_num_threads(int(threads))

@@ -1,0 +1,146 @@
+"""Our engine: clipped gradient sums in one forward and one backward pass ("book-keeping").
+
+During the forward, trainable parameters are hidden from autograd, so the backward computes
+activation gradients only (no weight gradients at all). Hooks keep each trainable layer's input
+(only where its weight trains) and its output gradient. After the backward:
+
+1. per-sample squared norms per parameter, from each layer's rule (ghost norm or instantiation);
+2. clip factors cᵢ from the total per-sample norm;
+3. per parameter, one weighted contraction Σᵢ cᵢ gᵢ from the same kept tensors.
+
+Bias-only training (DP-BiTFiT) keeps no activations: a bias's per-sample gradient is the output
+gradient summed over tokens. A parameter used by several calls (tied weights, shared modules) is
+clipped on the per-sample gradient of the parameter itself: its per-call per-sample gradients are
+instantiated and added before taking the norm. A trainable parameter owned by a module without a
+rule raises :class:`PrivacyError` naming it; frozen modules get no hooks and cost nothing.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from dpbench.errors import PrivacyError
+from dpbench.privacy.engine.base import GradientEngine, clip_factors
+from dpbench.privacy.engine.rules import LayerRule, rule_for, trainable_names
+
+
+class _Hidden(nn.Module):
+    """Calls the model with its trainable parameters hidden from autograd."""
+
+    def __init__(self, engine: "BookkeepingEngine") -> None:
+        super().__init__()
+        self._engine = [engine]  # a list, so the engine is not registered as a submodule
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        engine = self._engine[0]
+        with engine.hidden_params():
+            return engine.model(*args, **kwargs)
+
+
+class BookkeepingEngine(GradientEngine):
+    name = "bk"
+
+    def __init__(self, model: nn.Module, clip_norm: float, clipping: str = "flat") -> None:
+        super().__init__(model, clip_norm, clipping)
+        owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+        self._layers: list[tuple[nn.Module, LayerRule]] = []
+        self._names: dict[nn.Module, frozenset[str]] = {}
+        for mod_name, module in model.named_modules():
+            names = trainable_names(module)
+            if not names:
+                continue
+            rule = rule_for(module)
+            if rule is None:
+                raise PrivacyError(f"per-sample clipping has no rule for trainable module '{mod_name}' "
+                                   f"({type(module).__name__}); freeze it or use privacy.engine=opacus")
+            self._layers.append((module, rule))
+            self._names[module] = frozenset(names)
+            for n in names:
+                owners[id(getattr(module, n))].append((module, n))
+        self._owners = owners
+        self._calls: dict[nn.Module, list[list]] = defaultdict(list)  # module → [[a, g], ...]
+        self._hidden = False
+        self._handles = [m.register_forward_hook(self._forward_hook) for m, _ in self._layers]
+        self._wrapper = _Hidden(self)
+        self._rules = dict(self._layers)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._wrapper
+
+    @contextmanager
+    def hidden_params(self) -> Iterator[None]:
+        for p in self.params:
+            p.requires_grad_(False)
+        self._hidden = True
+        try:
+            yield
+        finally:
+            self._hidden = False
+            for p in self.params:
+                p.requires_grad_(True)
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        if not self._hidden or not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            return None
+        record = [self._rules[module].capture(module, self._names[module], inputs[0]), None]
+        self._calls[module].append(record)
+        replaced = None
+        if not output.requires_grad:  # e.g. an embedding: make its output the start of the graph
+            output = replaced = output.detach().requires_grad_(True)
+
+        def keep_grad(g: Tensor) -> None:
+            record[1] = g.detach()
+
+        output.register_hook(keep_grad)
+        return replaced
+
+    def _clipped_sum(self, per_sample_losses: Tensor) -> tuple[list[Tensor], Tensor]:
+        if not per_sample_losses.requires_grad:
+            raise RuntimeError("the losses do not depend on the trainable parameters; "
+                               "call the model through engine.module")
+        per_sample_losses.sum().backward()
+        calls = {m: [(a, g) for a, g in recs if g is not None] for m, recs in self._calls.items()}
+        self._calls.clear()
+        batch = per_sample_losses.shape[0]
+        zeros = per_sample_losses.new_zeros(batch).to(self.params[0].dtype)
+
+        shared = {pid for pid, own in self._owners.items()
+                  if len(own) > 1 or len(calls.get(own[0][0], [])) > 1}
+        norms_sq = zeros.clone()
+        shared_grads: dict[int, Tensor] = {}
+        for module, recs in calls.items():
+            rule, names = self._rules[module], self._names[module]
+            for a, g in recs:
+                for name, v in rule.norms_sq(module, names, a, g).items():
+                    if id(getattr(module, name)) not in shared:
+                        norms_sq += v
+                if any(id(getattr(module, n)) in shared for n in names):
+                    for name, v in rule.per_sample_grads(module, names, a, g).items():
+                        pid = id(getattr(module, name))
+                        if pid in shared:
+                            shared_grads[pid] = shared_grads[pid] + v if pid in shared_grads else v
+        for v in shared_grads.values():
+            norms_sq += v.flatten(1).pow(2).sum(1)
+        norms = norms_sq.clamp(min=0).sqrt()
+        c = clip_factors(norms, self.clip_norm, self.clipping)
+
+        sums: dict[int, Tensor] = {pid: (v * c.view(-1, *[1] * (v.ndim - 1))).sum(0)
+                                   for pid, v in shared_grads.items()}
+        for module, recs in calls.items():
+            rule, names = self._rules[module], self._names[module]
+            for a, g in recs:
+                for name, v in rule.clipped_sum(module, names, a, g, c).items():
+                    pid = id(getattr(module, name))
+                    if pid not in shared:
+                        sums[pid] = sums[pid] + v if pid in sums else v
+        return [sums.get(id(p), torch.zeros_like(p)) for p in self.params], norms
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

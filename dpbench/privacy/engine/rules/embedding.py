@@ -1,0 +1,48 @@
+"""``nn.Embedding``: per-sample gradient rows are the output gradients scattered to the token ids.
+
+Squared norm without the dense V×d matrix: Σ_{t,s} [idₜ = idₛ] ⟨gₜ, gₛ⟩ (cost ~T²·d). Tokens equal
+to ``padding_idx`` get no gradient (as in ``F.embedding``). The clipped sum is one ``index_add``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dpbench.privacy.engine.rules import LayerRule, register
+
+
+def _masked(module: nn.Embedding, ids: Tensor, g: Tensor) -> Tensor:
+    if module.padding_idx is None:
+        return g
+    return g * (ids != module.padding_idx).unsqueeze(-1).to(g.dtype)
+
+
+@register(nn.Embedding)
+class EmbeddingRule(LayerRule):
+    def capture(self, module: nn.Module, names: frozenset[str], x: Tensor) -> Tensor | None:
+        return x.detach() if "weight" in names else None
+
+    def norms_sq(self, module: nn.Module, names: frozenset[str], ids: Tensor | None, g: Tensor) -> dict[str, Tensor]:
+        if not "weight" in names:
+            return {}
+        ids2, g3 = ids.reshape(ids.shape[0], -1), g.reshape(g.shape[0], -1, g.shape[-1])
+        g3 = _masked(module, ids2, g3)
+        same = (ids2.unsqueeze(2) == ids2.unsqueeze(1)).to(g3.dtype)
+        return {"weight": (torch.bmm(g3, g3.transpose(1, 2)) * same).sum((1, 2))}
+
+    def clipped_sum(self, module: nn.Module, names: frozenset[str], ids: Tensor | None, g: Tensor, c: Tensor) -> dict[str, Tensor]:
+        if not "weight" in names:
+            return {}
+        g3 = _masked(module, ids, g) * c.view(-1, *[1] * (g.ndim - 1)).to(g.dtype)
+        out = torch.zeros_like(module.weight)
+        out.index_add_(0, ids.reshape(-1), g3.reshape(-1, g.shape[-1]))
+        return {"weight": out}
+
+    def per_sample_grads(self, module: nn.Module, names: frozenset[str], ids: Tensor | None, g: Tensor) -> dict[str, Tensor]:
+        if not "weight" in names:
+            return {}
+        b = g.shape[0]
+        g3 = _masked(module, ids, g).reshape(b, -1, g.shape[-1])
+        out = torch.zeros((b, *module.weight.shape), dtype=g.dtype, device=g.device)
+        out.scatter_add_(1, ids.reshape(b, -1, 1).expand_as(g3), g3)
+        return {"weight": out}

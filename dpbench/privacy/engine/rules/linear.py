@@ -1,0 +1,69 @@
+"""``nn.Linear`` (2-D or 3-D inputs) and Hugging Face's ``Conv1D`` (GPT-2: y = x W + b, W is (in, out)).
+
+Per-sample weight gradient for sample i is Gᵢᵀ Aᵢ (T×p by T×d). Its squared norm comes either from
+the ghost norm ⟨AᵢAᵢᵀ, GᵢGᵢᵀ⟩ (cost ~T²(d+p)) or from instantiating Gᵢᵀ Aᵢ (cost ~T·d·p), whichever
+is cheaper for the layer's shapes. The clipped sum is one contraction Σᵢ cᵢ GᵢᵀAᵢ.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from dpbench.privacy.engine.rules import LayerRule, as_3d, register
+
+
+def weight_norms_sq(a: Tensor, g: Tensor) -> Tensor:
+    """‖Gᵢᵀ Aᵢ‖²_F per sample, for a (B, T, d), g (B, T, p)."""
+    t, d, p = a.shape[1], a.shape[2], g.shape[2]
+    if t == 1:
+        return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+    if t * (d + p) < d * p:  # ghost norm
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+
+
+def weighted_gt_a(a: Tensor, g: Tensor, c: Tensor) -> Tensor:
+    """Σᵢ cᵢ Gᵢᵀ Aᵢ as a (p, d) matrix."""
+    gc = g * c.view(-1, 1, 1).to(g.dtype)
+    return gc.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+
+
+@register(nn.Linear)
+class LinearRule(LayerRule):
+    transpose = False  # Conv1D stores the weight as (in, out)
+
+    def _orient(self, w: Tensor) -> Tensor:
+        return w.transpose(-1, -2) if self.transpose else w
+
+    def norms_sq(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor) -> dict[str, Tensor]:
+        g3 = as_3d(g)
+        out = {}
+        if "weight" in names:
+            out["weight"] = weight_norms_sq(as_3d(a), g3)
+        if "bias" in names:
+            out["bias"] = g3.sum(1).pow(2).sum(1)
+        return out
+
+    def clipped_sum(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor, c: Tensor) -> dict[str, Tensor]:
+        g3 = as_3d(g)
+        out = {}
+        if "weight" in names:
+            out["weight"] = self._orient(weighted_gt_a(as_3d(a), g3, c))
+        if "bias" in names:
+            out["bias"] = c.to(g3.dtype) @ g3.sum(1)
+        return out
+
+    def per_sample_grads(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor) -> dict[str, Tensor]:
+        g3 = as_3d(g)
+        out = {}
+        if "weight" in names:
+            out["weight"] = self._orient(torch.bmm(g3.transpose(1, 2), as_3d(a)))
+        if "bias" in names:
+            out["bias"] = g3.sum(1)
+        return out
+
+
+@register(Conv1D)
+class Conv1DRule(LinearRule):
+    transpose = True
