@@ -23,8 +23,16 @@ def _quiet() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "opacus"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "opacus", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def check_group_choices(argv: list[str]) -> str | None:
@@ -40,6 +48,23 @@ def check_group_choices(argv: list[str]) -> str | None:
     return None
 
 
+def check_composes(argv: list[str]) -> str | None:
+    """Compose a single run's config up front so that Hydra's errors (unknown keys, bad values)
+    come out as one line. Sweeps (``-m``) and Hydra's own flags are left to Hydra."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    overrides = [a for a in argv if "=" in a and not a.lstrip("+~").startswith("hydra.")]
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    except Exception as e:  # noqa: BLE001 - any composition failure is the user's to fix
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
+        return " ".join(lines) or type(e).__name__
+    return None
+
+
 def _run_job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -48,15 +73,19 @@ def _run_job(cfg) -> None:
     from dpbench.errors import DPBenchError
     from dpbench.methods import get_runner
     from dpbench.results.io import RESULTS_FILE, write_json_atomic
-    from dpbench.pipeline import set_threads
 
+    _quiet()  # again: Hydra has just configured logging for the job
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     results = out_dir / RESULTS_FILE
     if results.exists():
         results.unlink()  # a stale record must never stand in for this run
     try:
         validate(cfg)
-        set_threads(cfg)
+        threads = cfg.trainer.get("num_threads")
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
         record = get_runner(cfg.method.get("kind", "finetune"))(cfg, out_dir)
     except (DPBenchError, Exception) as e:  # noqa: BLE001 - every failure is recorded, then reported
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -81,7 +110,7 @@ def _run_job(cfg) -> None:
 
 def main() -> None:
     _quiet()
-    problem = check_group_choices(sys.argv[1:])
+    problem = check_group_choices(sys.argv[1:]) or check_composes(sys.argv[1:])
     if problem:
         print(f"dpbench: error: {problem}", file=sys.stderr)
         raise SystemExit(2)

@@ -39,8 +39,10 @@ def load_task(task: DictConfig, seed: int) -> tuple[TaskSpec, TextClassification
     if spec.name.startswith("synthetic"):
         pair = spec.is_pair
         data_seed = task.get("data_seed", 0)
-        train = make_synthetic(int(task.num_train), pair=pair, seed=data_seed, label_noise=task.get("label_noise", 0.0))
-        dev = make_synthetic(int(task.num_dev), pair=pair, seed=data_seed + 10_000)
+        simple = float(task.get("simple_fraction", 0.0))
+        train = make_synthetic(int(task.num_train), pair=pair, seed=data_seed,
+                               label_noise=float(task.get("label_noise", 0.0)), simple_fraction=simple)
+        dev = make_synthetic(int(task.num_dev), pair=pair, seed=data_seed + 10_000, simple_fraction=simple)
     else:
         train = load_glue(spec.name, "train", task.get("data_dir"))
         dev = load_glue(spec.name, "dev", task.get("data_dir"))
@@ -191,9 +193,3 @@ def make_record(cfg: DictConfig, *, metrics: dict[str, float], privacy: PrivacyR
         timing={"train_s": round(train_s, 3), "steps": steps}, memory={"peak_rss_mb": round(peak_rss_mb(), 1)},
         versions=versions(), git=git_info(), extra=extra or {},
     )
-
-
-def set_threads(cfg: DictConfig) -> None:
-    threads = cfg.trainer.get("num_threads")
-    if threads:
-        torch.set_num_threads(int(threads))

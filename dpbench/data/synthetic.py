@@ -13,6 +13,11 @@ Both tasks are built so that the label depends on word order, not on which words
   either voice; entailment iff the roles are kept ("the dog was chased by the cat") and not
   if they are swapped ("the dog chased the cat"). Both classes have the same bag of words.
 
+``simple_fraction`` (single-sentence task only) makes that share of examples one plain clause
+("The food was really great."), whose label a bag of words does give away; a bag-of-words
+classifier then tops out near ``simple_fraction + (1 - simple_fraction) / 2`` while an
+order-aware model can reach 100%. This gives noisy (DP) training an easy part to learn first.
+
 Labels are exactly balanced (before ``label_noise``, which flips each label with that
 probability). Same arguments -> identical data.
 """
@@ -56,24 +61,34 @@ VERBS = (("chased", "chased"), ("helped", "helped"), ("called", "called"),
 ADVERBIALS = ("", "", "yesterday", "in the park", "after lunch", "on Monday", "at the station")
 
 
-def make_synthetic(n: int, *, pair: bool, seed: int,
-                   label_noise: float = 0.0) -> TextClassificationData:
+def make_synthetic(n: int, *, pair: bool, seed: int, label_noise: float = 0.0,
+                   simple_fraction: float = 0.0) -> TextClassificationData:
     """``n`` examples of the single-sentence (``pair=False``) or sentence-pair task."""
     if n < 1:
         raise ConfigError(f"synthetic dataset size must be >= 1 (got {n})")
     if not 0.0 <= label_noise <= 0.5:
         raise ConfigError(f"label_noise must be in [0, 0.5] (got {label_noise})")
+    if not 0.0 <= simple_fraction <= 1.0 or (pair and simple_fraction):
+        raise ConfigError(f"simple_fraction must be in [0, 1] and 0 for the pair task (got {simple_fraction})")
     rng = random.Random(f"dpbench-synthetic-{pair}-{seed}")
     labels = [i % 2 for i in range(n)]
     rng.shuffle(labels)
-    make = _pair_example if pair else _sentence_example
-    texts = [make(rng, y) for y in labels]
+    if pair:
+        texts = [_pair_example(rng, y) for y in labels]
+    else:
+        texts = [_simple_example(rng, y) if rng.random() < simple_fraction else _sentence_example(rng, y)
+                 for y in labels]
     labels = [1 - y if rng.random() < label_noise else y for y in labels]
     return TextClassificationData(
         text_a=[a for a, _ in texts],
         text_b=[b for _, b in texts] if pair else None,
         labels=labels,
     )
+
+
+def _simple_example(rng: random.Random, label: int) -> tuple[str, None]:
+    adjective = rng.choice(POSITIVE if label == 1 else NEGATIVE)
+    return _sentence(f"the {rng.choice(NOUNS)} " + rng.choice(PLAIN).format(adjective)), None
 
 
 def _sentence_example(rng: random.Random, label: int) -> tuple[str, None]:

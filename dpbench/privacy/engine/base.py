@@ -56,7 +56,7 @@ class GradientEngine(ABC):
             raise ValueError("accumulate() expects one loss per example, shape (B,)")
         contributions, norms = self._clipped_sum(per_sample_losses)
         if self._sums is None:
-            self._sums = [c.detach().clone() for c in contributions]
+            self._sums = [c.detach() for c in contributions]  # fresh tensors: no copy needed
         else:
             for s, c in zip(self._sums, contributions):
                 s.add_(c)

@@ -1,0 +1,109 @@
+"""End to end through the `dpbench` command: every method writes a valid results.json whose ε is
+the accountant's, and bad input gets one line naming the fix, a non-zero exit, no "ok" record."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
+
+from conftest import ROOT
+
+TINY = ["model=tiny_bert", "privacy.batch_size=16", "privacy.physical_batch_size=8", "trainer.max_steps=3",
+        "trainer.progress_bar=false"]
+TINY_RUN = [*TINY, "task=synthetic", "task.num_train=64", "task.num_dev=32", "task.max_length=24"]
+
+
+def dpbench(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "dpbench", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def read(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+REQUIRED = {"status", "task", "model", "method", "seed", "config", "metrics", "privacy", "params", "timing",
+            "memory", "versions", "git"}
+
+
+@pytest.mark.parametrize("method", ["nonprivate", "dp_full", "dp_bitfit"])
+def test_method_writes_valid_results(method: str, tmp_path: Path) -> None:
+    out = tmp_path / method
+    proc = dpbench(*TINY_RUN, f"method={method}", "privacy.epsilon=8", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = read(out)
+    assert REQUIRED <= set(r) and r["status"] == "ok" and r["method"] == method
+    assert 0.0 <= r["metrics"]["accuracy"] <= 1.0
+    assert r["timing"]["steps"] == 3 and r["timing"]["train_s"] > 0 and r["memory"]["peak_rss_mb"] > 0
+    assert 0 < r["params"]["trainable"] <= r["params"]["total"]
+    p = r["privacy"]
+    if method == "nonprivate":
+        assert p["epsilon"] is None and p["stages"] == []
+        return
+    if method == "dp_bitfit":
+        assert r["params"]["trainable"] < r["params"]["total"] / 10
+    assert set(p) >= {"epsilon", "target_epsilon", "delta", "accountant", "clip_norm", "stages"}
+    assert [set(s) for s in p["stages"]] == [{"name", "noise_multiplier", "sample_rate", "steps"}]
+    assert p["stages"][0]["steps"] == 3 and p["stages"][0]["sample_rate"] == pytest.approx(16 / 64)
+    assert p["delta"] == pytest.approx(1 / (2 * 64)) and p["epsilon"] <= 8.0
+
+
+def test_epsilon_equals_prv_accountant(tmp_path: Path) -> None:
+    """The acceptance command: ε in the record is prv-accountant's upper bound for the recorded mechanism."""
+    out = tmp_path / "out"
+    proc = dpbench("model=tiny_bert", "task=synthetic", "method=dp_full", "privacy.epsilon=8",
+                   "trainer.max_steps=3", "trainer.progress_bar=false", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    p = read(out)["privacy"]
+    (stage,) = p["stages"]
+    acc = PRVAccountant(prvs=[PoissonSubsampledGaussianMechanism(stage["sample_rate"], stage["noise_multiplier"])],
+                        max_self_compositions=[stage["steps"]], eps_error=0.01, delta_error=p["delta"] / 1000)
+    low, _, up = acc.compute_epsilon(delta=p["delta"], num_self_compositions=[stage["steps"]])
+    assert p["epsilon"] <= 8.0 and p["target_epsilon"] == 8.0
+    assert low - 1e-9 <= p["epsilon"] <= up + 0.02 and math.isclose(p["epsilon"], up, rel_tol=0.01)
+
+
+def _tsv(folder: Path, train: str, dev: str = "sentence\tlabel\ngood\t1\n") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.tsv").write_text(train)
+    (folder / "dev.tsv").write_text(dev)
+    return folder
+
+
+BAD_INPUTS = {
+    "epsilon_zero": (["privacy.epsilon=0"], "privacy.epsilon"),
+    "epsilon_negative": (["privacy.epsilon=-1"], "privacy.epsilon"),
+    "delta_zero": (["privacy.delta=0"], "privacy.delta"),
+    "delta_one": (["privacy.delta=1"], "privacy.delta"),
+    "unknown_task": (["task=nope"], "unknown task 'nope'"),
+    "unknown_model": (["model=nope"], "unknown model 'nope'"),
+    "missing_data_dir": (["task=sst2", "task.data_dir=/nonexistent/sst2"], "task.data_dir"),
+    "malformed_tsv": (["task=sst2", "task.data_dir={tmp}/bad"], "train.tsv"),
+    "unknown_key": (["privacy.epsilonn=3"], "privacy.epsilonn"),
+    "empty_dataset": (["task=sst2", "task.data_dir={tmp}/empty"], "empty"),
+    "batch_too_large": (["privacy.batch_size=1000"], "privacy.batch_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_one_line_error(case: str, tmp_path: Path) -> None:
+    _tsv(tmp_path / "bad", "sentence\tlabel\nfine\t1\nno label column here\n")
+    _tsv(tmp_path / "empty", "sentence\tlabel\n")
+    overrides, expected = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    base = TINY if any(o.startswith("task=") for o in overrides) else TINY_RUN
+    args = [*base, "method=dp_full", *[o.format(tmp=tmp_path) for o in overrides], f"hydra.run.dir={out}"]
+    proc = dpbench(*args)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("dpbench: error: ") and expected in lines[-1], proc.stderr[-2000:]
+    assert sum(ln.startswith("dpbench: error") for ln in lines) == 1 and "Traceback" not in proc.stderr
+    if (out / "results.json").exists():
+        assert read(out)["status"] != "ok"
