@@ -34,7 +34,7 @@ class LoadedModel:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         kw: dict[str, Tensor] = {"input_ids": ids, "attention_mask": mask}
         if self.family != "roberta":
-            kw["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            kw["position_ids"] = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()
         if self.family in ("bert", "roberta"):
             kw["token_type_ids"] = batch.get("token_type_ids", torch.zeros_like(ids))
         return kw

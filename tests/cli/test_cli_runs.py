@@ -107,3 +107,15 @@ def test_bad_input_one_line_error(case: str, tmp_path: Path) -> None:
     assert sum(ln.startswith("dpbench: error") for ln in lines) == 1 and "Traceback" not in proc.stderr
     if (out / "results.json").exists():
         assert read(out)["status"] != "ok"
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("task", ["sst2", "mnli"])
+def test_real_glue_from_local_folder(task: str, shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / task
+    proc = dpbench(*TINY, f"task={task}", f"task.data_dir={shared_data / task}", "task.max_train_examples=64",
+                   "task.max_eval_examples=32", "method=dp_bitfit", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = read(out)
+    assert r["status"] == "ok" and r["task"] == task and r["data"] == {"train_examples": 64, "dev_examples": 32}
+    assert r["privacy"]["delta"] == pytest.approx(1 / 128)

@@ -6,11 +6,12 @@ from torch import nn
 from dpbench.errors import ConfigError
 from dpbench.privacy.engine.base import GradientEngine, SumEngine, clip_factors
 
-ENGINES = ("bk", "opacus")
+ENGINES = ("bk", "opacus", "opacus_ghost")
 
 
 def make_engine(name: str, model: nn.Module, clip_norm: float | None, clipping: str = "flat") -> GradientEngine:
-    """Build the engine ``name`` ('none' = non-private sum, 'bk' = ours, 'opacus' = opacus hooks)."""
+    """Build the engine ``name`` ('none' = non-private sum, 'bk' = ours, 'opacus' = opacus hooks,
+    'opacus_ghost' = opacus ghost clipping)."""
     if name == "none" or clip_norm is None:
         return SumEngine(model, None)
     if clip_norm <= 0:
@@ -23,6 +24,10 @@ def make_engine(name: str, model: nn.Module, clip_norm: float | None, clipping: 
         from dpbench.privacy.engine.opacus_engine import OpacusEngine
 
         return OpacusEngine(model, clip_norm, clipping)
+    if name == "opacus_ghost":
+        from dpbench.privacy.engine.opacus_ghost import OpacusGhostEngine
+
+        return OpacusGhostEngine(model, clip_norm, clipping)
     raise ConfigError(f"unknown privacy.engine '{name}'; choose one of: {', '.join(ENGINES)}")
 
 

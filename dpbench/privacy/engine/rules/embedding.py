@@ -1,6 +1,8 @@
 """``nn.Embedding``: per-sample gradient rows are the output gradients scattered to the token ids.
 
-Squared norm without the dense V×d matrix: Σ_{t,s} [idₜ = idₛ] ⟨gₜ, gₛ⟩ (cost ~T²·d). Tokens equal
+Squared norm without the dense V×d matrix: the output gradients of each sample are summed per
+distinct token id (one sort and one ``index_add``, cost ~B·T·d, never T²) and the row norms added
+up: ‖gᵢ‖² = Σᵥ ‖Σ_{t: idₜ = v} gₜ‖². Tokens equal
 to ``padding_idx`` get no gradient (as in ``F.embedding``). The clipped sum is one ``index_add``.
 """
 from __future__ import annotations
@@ -25,10 +27,14 @@ class EmbeddingRule(LayerRule):
     def norms_sq(self, module: nn.Module, names: frozenset[str], ids: Tensor | None, g: Tensor) -> dict[str, Tensor]:
         if not "weight" in names:
             return {}
-        ids2, g3 = ids.reshape(ids.shape[0], -1), g.reshape(g.shape[0], -1, g.shape[-1])
-        g3 = _masked(module, ids2, g3)
-        same = (ids2.unsqueeze(2) == ids2.unsqueeze(1)).to(g3.dtype)
-        return {"weight": (torch.bmm(g3, g3.transpose(1, 2)) * same).sum((1, 2))}
+        b, d = g.shape[0], g.shape[-1]
+        ids2 = ids.reshape(b, -1)
+        g2 = _masked(module, ids2, g.reshape(b, -1, d)).reshape(-1, d)
+        keys = ids2 + torch.arange(b, device=ids.device).unsqueeze(1) * module.num_embeddings
+        uniq, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+        rows = torch.zeros((uniq.shape[0], d), dtype=g.dtype, device=g.device).index_add_(0, inverse, g2)
+        norms = torch.zeros(b, dtype=g.dtype, device=g.device)
+        return {"weight": norms.index_add_(0, uniq // module.num_embeddings, rows.pow(2).sum(1))}
 
     def clipped_sum(self, module: nn.Module, names: frozenset[str], ids: Tensor | None, g: Tensor, c: Tensor) -> dict[str, Tensor]:
         if not "weight" in names:
