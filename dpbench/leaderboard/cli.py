@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dpbench-leaderboard: error: no {RESULTS_FILE} under '{args.dir}'; run `dpbench` first",
               file=sys.stderr)
         raise SystemExit(2)
-    render(records, Console())
+    console = Console()
+    render(records, console if console.is_terminal else Console(width=160))
 
 
 if __name__ == "__main__":
