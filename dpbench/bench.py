@@ -105,6 +105,10 @@ def memory_probe(model_key: str, config: str, seq_len: int, batch: int) -> dict[
 
 
 def _probe(model_key: str, config: str, seq_len: int, batch: int) -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     s = build(model_key, config, seq_len, batch)
     loaded = _status_mb("VmRSS")
     step(s)
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
     configs = [c.strip() for c in args.configs.split(",")]

@@ -91,9 +91,10 @@ class PrivateOptimizer(Optimizer):
         return loss
 
     def _privatize(self, summed: Tensor) -> Tensor:
+        """In place on the engine's fresh sum: (Σ clip(gᵢ) + N(0, σ²C²)) / B, or the plain mean."""
         if self.noise_multiplier is None:
-            return summed / max(self.last_batch_size, 1)
+            return summed.div_(max(self.last_batch_size, 1))
         std = self.noise_multiplier * self.engine.clip_norm
-        noise = torch.normal(0.0, std, size=summed.shape, generator=self.generator,
-                             dtype=summed.dtype, device=summed.device) if std > 0 else 0.0
-        return (summed + noise) / self.expected_batch_size
+        if std > 0:
+            summed.add_(torch.empty_like(summed).normal_(0.0, std, generator=self.generator))
+        return summed.div_(self.expected_batch_size)

@@ -87,14 +87,15 @@ class BookkeepingEngine(GradientEngine):
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
         if not self._hidden or not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return None
-        record = [self._rules[module].capture(module, self._names[module], inputs[0]), None]
+        rule, names = self._rules[module], self._names[module]
+        record = [rule.capture(module, names, inputs[0]), None]
         self._calls[module].append(record)
         replaced = None
         if not output.requires_grad:  # e.g. an embedding: make its output the start of the graph
             output = replaced = output.detach().requires_grad_(True)
 
         def keep_grad(g: Tensor) -> None:
-            record[1] = g.detach()
+            record[0], record[1] = rule.on_grad(module, names, record[0], g.detach())
 
         output.register_hook(keep_grad)
         return replaced
@@ -138,7 +139,7 @@ class BookkeepingEngine(GradientEngine):
                     pid = id(getattr(module, name))
                     if pid not in shared:
                         sums[pid] = sums[pid] + v if pid in sums else v
-        return [sums.get(id(p), torch.zeros_like(p)) for p in self.params], norms
+        return [sums[id(p)] if id(p) in sums else torch.zeros_like(p) for p in self.params], norms
 
     def close(self) -> None:
         for h in self._handles:

@@ -22,6 +22,12 @@ class LayerRule:
         """What to keep from the input for the weight's gradient (None when the weight is frozen)."""
         return x.detach() if "weight" in names else None
 
+    def on_grad(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor
+                ) -> tuple[Tensor | None, Tensor]:
+        """Called when the output gradient arrives: reduce (a, g) to what the rule needs later, so
+        that less is kept until the end of the backward (e.g. Σₜ gₜ for a bias). Default: keep both."""
+        return a, g
+
     def norms_sq(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor) -> dict[str, Tensor]:
         """Per-sample squared gradient norm of each trainable parameter, shape (B,)."""
         return {k: v.flatten(1).pow(2).sum(1) for k, v in self.per_sample_grads(module, names, a, g).items()}

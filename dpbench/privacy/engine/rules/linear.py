@@ -36,6 +36,12 @@ class LinearRule(LayerRule):
     def _orient(self, w: Tensor) -> Tensor:
         return w.transpose(-1, -2) if self.transpose else w
 
+    def on_grad(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor
+                ) -> tuple[Tensor | None, Tensor]:
+        if "weight" in names:
+            return a, g
+        return None, as_3d(g).sum(1, keepdim=True)  # bias only: Σₜ gₜ is all that is needed
+
     def norms_sq(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor) -> dict[str, Tensor]:
         g3 = as_3d(g)
         out = {}

@@ -1,5 +1,6 @@
 """``nn.LayerNorm`` and RMSNorm (Llama/SmolLM2 ``*RMSNorm``, ``nn.RMSNorm``): elementwise affine maps
-of a normalised input x̂, so per-sample gradients are small: weight Σₜ gₜ ⊙ x̂ₜ, bias Σₜ gₜ."""
+of a normalised input x̂, so per-sample gradients are small — weight Σₜ gₜ ⊙ x̂ₜ, bias Σₜ gₜ — and
+are formed as soon as the output gradient arrives."""
 from __future__ import annotations
 
 import torch
@@ -22,14 +23,21 @@ class _AffineNormRule(LayerRule):
         with torch.no_grad():
             return self.normalise(module, x)
 
-    def per_sample_grads(self, module: nn.Module, names: frozenset[str], xhat: Tensor | None, g: Tensor) -> dict[str, Tensor]:
+    def on_grad(self, module: nn.Module, names: frozenset[str], xhat: Tensor | None, g: Tensor
+                ) -> tuple[Tensor | None, Tensor]:
+        """Reduce at once to the per-sample gradients: (Σₜ gₜ ⊙ x̂ₜ, Σₜ gₜ), each (B, d)."""
         d = g.shape[-1]
         g3 = _flat(g, d)
+        weight = (g3 * _flat(xhat, d).to(g3.dtype)).sum(1) if "weight" in names else None
+        return weight, g3.sum(1)
+
+    def per_sample_grads(self, module: nn.Module, names: frozenset[str], weight: Tensor | None, bias: Tensor
+                         ) -> dict[str, Tensor]:
         out = {}
         if "weight" in names:
-            out["weight"] = (g3 * _flat(xhat, d).to(g3.dtype)).sum(1)
+            out["weight"] = weight
         if "bias" in names:
-            out["bias"] = g3.sum(1)
+            out["bias"] = bias
         return out
 
 
