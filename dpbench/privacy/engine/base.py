@@ -54,12 +54,9 @@ class GradientEngine(ABC):
         """
         if per_sample_losses.ndim != 1:
             raise ValueError("accumulate() expects one loss per example, shape (B,)")
-        contributions, norms = self._clipped_sum(per_sample_losses)
-        if self._sums is None:
-            self._sums = [c.detach() for c in contributions]  # fresh tensors: no copy needed
-        else:
-            for s, c in zip(self._sums, contributions):
-                s.add_(c)
+        if self._sums is None:  # once per logical batch
+            self._sums = [torch.zeros_like(p) for p in self.params]
+        norms = self._add_clipped(per_sample_losses, self._sums)
         self.num_examples += per_sample_losses.shape[0]
         return norms
 
@@ -70,8 +67,9 @@ class GradientEngine(ABC):
         return sums
 
     @abstractmethod
-    def _clipped_sum(self, per_sample_losses: Tensor) -> tuple[list[Tensor], Tensor]:
-        """(Σᵢ cᵢ gᵢ per trainable param, per-sample norms ‖gᵢ‖) for one micro-batch."""
+    def _add_clipped(self, per_sample_losses: Tensor, sums: list[Tensor]) -> Tensor:
+        """Add Σᵢ cᵢ gᵢ of one micro-batch into ``sums`` (one per trainable param, in place);
+        return the per-sample norms ‖gᵢ‖."""
 
     def close(self) -> None:
         """Remove hooks or wrappers, if any."""
@@ -82,11 +80,12 @@ class SumEngine(GradientEngine):
 
     name = "none"
 
-    def _clipped_sum(self, per_sample_losses: Tensor) -> tuple[list[Tensor], Tensor]:
+    def _add_clipped(self, per_sample_losses: Tensor, sums: list[Tensor]) -> Tensor:
         grads = torch.autograd.grad(per_sample_losses.sum(), self.params, allow_unused=True)
-        sums = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
-        nan = torch.full((per_sample_losses.shape[0],), float("nan"))
-        return sums, nan
+        for s, g in zip(sums, grads):
+            if g is not None:
+                s.add_(g)
+        return torch.full((per_sample_losses.shape[0],), float("nan"))
 
 
 def weighted_sum(per_sample: Tensor, factors: Tensor) -> Tensor:

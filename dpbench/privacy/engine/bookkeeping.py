@@ -6,7 +6,8 @@ activation gradients only (no weight gradients at all). Hooks keep each trainabl
 
 1. per-sample squared norms per parameter, from each layer's rule (ghost norm or instantiation);
 2. clip factors cᵢ from the total per-sample norm;
-3. per parameter, one weighted contraction Σᵢ cᵢ gᵢ from the same kept tensors.
+3. per parameter, one weighted contraction Σᵢ cᵢ gᵢ from the same kept tensors, added in place
+   into the running sum of the logical batch.
 
 Bias-only training (DP-BiTFiT) keeps no activations: a bias's per-sample gradient is the output
 gradient summed over tokens. A parameter used by several calls (tied weights, shared modules) is
@@ -100,7 +101,7 @@ class BookkeepingEngine(GradientEngine):
         output.register_hook(keep_grad)
         return replaced
 
-    def _clipped_sum(self, per_sample_losses: Tensor) -> tuple[list[Tensor], Tensor]:
+    def _add_clipped(self, per_sample_losses: Tensor, sums: list[Tensor]) -> Tensor:
         if not per_sample_losses.requires_grad:
             raise RuntimeError("the losses do not depend on the trainable parameters; "
                                "call the model through engine.module")
@@ -130,16 +131,15 @@ class BookkeepingEngine(GradientEngine):
         norms = norms_sq.clamp(min=0).sqrt()
         c = clip_factors(norms, self.clip_norm, self.clipping)
 
-        sums: dict[int, Tensor] = {pid: (v * c.view(-1, *[1] * (v.ndim - 1))).sum(0)
-                                   for pid, v in shared_grads.items()}
+        acc = {id(p): s for p, s in zip(self.params, sums)}
+        for pid, v in shared_grads.items():
+            acc[pid].add_((v * c.view(-1, *[1] * (v.ndim - 1)).to(v.dtype)).sum(0))
         for module, recs in calls.items():
             rule, names = self._rules[module], self._names[module]
+            out = {n: acc[id(getattr(module, n))] for n in names if id(getattr(module, n)) not in shared}
             for a, g in recs:
-                for name, v in rule.clipped_sum(module, names, a, g, c).items():
-                    pid = id(getattr(module, name))
-                    if pid not in shared:
-                        sums[pid] = sums[pid] + v if pid in sums else v
-        return [sums[id(p)] if id(p) in sums else torch.zeros_like(p) for p in self.params], norms
+                rule.add_clipped(module, names, a, g, c, out)
+        return norms
 
     def close(self) -> None:
         for h in self._handles:

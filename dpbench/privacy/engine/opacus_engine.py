@@ -32,7 +32,7 @@ class OpacusEngine(GradientEngine):
     def module(self) -> nn.Module:
         return self._gsm
 
-    def _clipped_sum(self, per_sample_losses: Tensor) -> tuple[list[Tensor], Tensor]:
+    def _add_clipped(self, per_sample_losses: Tensor, sums: list[Tensor]) -> Tensor:
         batch = per_sample_losses.shape[0]
         per_sample_losses.sum().backward()
         samples = []
@@ -47,7 +47,9 @@ class OpacusEngine(GradientEngine):
             p.grad_sample, p.grad = None, None
         norms = torch.stack([g.reshape(batch, -1).pow(2).sum(1) for g in samples]).sum(0).sqrt()
         factors = clip_factors(norms, self.clip_norm, self.clipping)
-        return [weighted_sum(g, factors) for g in samples], norms
+        for s, g in zip(sums, samples):
+            s.add_(weighted_sum(g, factors))
+        return norms
 
     def close(self) -> None:
         self._gsm._close()

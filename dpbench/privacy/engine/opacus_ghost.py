@@ -29,7 +29,7 @@ class OpacusGhostEngine(GradientEngine):
     def module(self) -> nn.Module:
         return self._gsm
 
-    def _clipped_sum(self, per_sample_losses: Tensor) -> tuple[list[Tensor], Tensor]:
+    def _add_clipped(self, per_sample_losses: Tensor, sums: list[Tensor]) -> Tensor:
         self._gsm.enable_hooks()
         per_sample_losses.sum().backward(retain_graph=True)
         norms = self._gsm.get_norm_sample().detach()
@@ -39,10 +39,11 @@ class OpacusGhostEngine(GradientEngine):
         self._gsm.disable_hooks()
         (per_sample_losses * coef).sum().backward()
         self._gsm.enable_hooks()
-        sums = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
-        for p in self.params:
+        for s, p in zip(sums, self.params):
+            if p.grad is not None:
+                s.add_(p.grad)
             p.grad = None
-        return sums, norms
+        return norms
 
     def close(self) -> None:
         self._gsm._close()

@@ -2,7 +2,7 @@
 
 A rule knows, for one module call (``names``: the module's trainable parameters) with captured input ``a`` and output gradient ``g`` (batch
 first), how to get each trainable parameter's per-sample squared gradient norms, the clipped sum
-Σᵢ cᵢ gᵢ, and (for parameters shared between calls) the per-sample gradients themselves.
+Σᵢ cᵢ gᵢ (added in place into the running sum), and (for parameters shared between calls) the per-sample gradients themselves.
 Rules are registered by module type (or class-name suffix, for families of custom norms).
 """
 from __future__ import annotations
@@ -32,10 +32,12 @@ class LayerRule:
         """Per-sample squared gradient norm of each trainable parameter, shape (B,)."""
         return {k: v.flatten(1).pow(2).sum(1) for k, v in self.per_sample_grads(module, names, a, g).items()}
 
-    def clipped_sum(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor, c: Tensor) -> dict[str, Tensor]:
-        """Σᵢ cᵢ · (per-sample gradient of each trainable parameter)."""
-        return {k: (v * c.view(-1, *[1] * (v.ndim - 1))).sum(0)
-                for k, v in self.per_sample_grads(module, names, a, g).items()}
+    def add_clipped(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor, c: Tensor,
+                    out: dict[str, Tensor]) -> None:
+        """out[name] += Σᵢ cᵢ · (per-sample gradient of parameter ``name``), in place, for the names in ``out``."""
+        for k, v in self.per_sample_grads(module, names, a, g).items():
+            if k in out:
+                out[k].add_((v * c.view(-1, *[1] * (v.ndim - 1)).to(v.dtype)).sum(0))
 
     def per_sample_grads(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -3,7 +3,7 @@
 Squared norm without the dense V×d matrix: the output gradients of each sample are summed per
 distinct token id (one sort and one ``index_add``, cost ~B·T·d, never T²) and the row norms added
 up: ‖gᵢ‖² = Σᵥ ‖Σ_{t: idₜ = v} gₜ‖². Tokens equal
-to ``padding_idx`` get no gradient (as in ``F.embedding``). The clipped sum is one ``index_add``.
+to ``padding_idx`` get no gradient (as in ``F.embedding``). The clipped sum is one ``index_add`` into the running sum.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class EmbeddingRule(LayerRule):
         return x.detach() if "weight" in names else None
 
     def norms_sq(self, module: nn.Module, names: frozenset[str], ids: Tensor | None, g: Tensor) -> dict[str, Tensor]:
-        if not "weight" in names:
+        if "weight" not in names:
             return {}
         b, d = g.shape[0], g.shape[-1]
         ids2 = ids.reshape(b, -1)
@@ -36,16 +36,14 @@ class EmbeddingRule(LayerRule):
         norms = torch.zeros(b, dtype=g.dtype, device=g.device)
         return {"weight": norms.index_add_(0, uniq // module.num_embeddings, rows.pow(2).sum(1))}
 
-    def clipped_sum(self, module: nn.Module, names: frozenset[str], ids: Tensor | None, g: Tensor, c: Tensor) -> dict[str, Tensor]:
-        if not "weight" in names:
-            return {}
-        g3 = _masked(module, ids, g) * c.view(-1, *[1] * (g.ndim - 1)).to(g.dtype)
-        out = torch.zeros_like(module.weight)
-        out.index_add_(0, ids.reshape(-1), g3.reshape(-1, g.shape[-1]))
-        return {"weight": out}
+    def add_clipped(self, module: nn.Module, names: frozenset[str], ids: Tensor | None, g: Tensor, c: Tensor,
+                    out: dict[str, Tensor]) -> None:
+        if "weight" in out:
+            g3 = _masked(module, ids, g) * c.view(-1, *[1] * (g.ndim - 1)).to(g.dtype)
+            out["weight"].index_add_(0, ids.reshape(-1), g3.reshape(-1, g.shape[-1]))
 
     def per_sample_grads(self, module: nn.Module, names: frozenset[str], ids: Tensor | None, g: Tensor) -> dict[str, Tensor]:
-        if not "weight" in names:
+        if "weight" not in names:
             return {}
         b = g.shape[0]
         g3 = _masked(module, ids, g).reshape(b, -1, g.shape[-1])

@@ -23,18 +23,19 @@ def weight_norms_sq(a: Tensor, g: Tensor) -> Tensor:
     return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
 
 
-def weighted_gt_a(a: Tensor, g: Tensor, c: Tensor) -> Tensor:
-    """Σᵢ cᵢ Gᵢᵀ Aᵢ as a (p, d) matrix."""
-    gc = g * c.view(-1, 1, 1).to(g.dtype)
-    return gc.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+def add_weighted_gt_a(out: Tensor, a: Tensor, g: Tensor, c: Tensor, transpose: bool) -> None:
+    """out += Σᵢ cᵢ Gᵢᵀ Aᵢ (a (p, d) matrix; its transpose for ``transpose``), one matmul in place."""
+    gc = (g * c.view(-1, 1, 1).to(g.dtype)).reshape(-1, g.shape[-1])
+    a2 = a.reshape(-1, a.shape[-1])
+    if transpose:
+        out.addmm_(a2.T, gc)
+    else:
+        out.addmm_(gc.T, a2)
 
 
 @register(nn.Linear)
 class LinearRule(LayerRule):
     transpose = False  # Conv1D stores the weight as (in, out)
-
-    def _orient(self, w: Tensor) -> Tensor:
-        return w.transpose(-1, -2) if self.transpose else w
 
     def on_grad(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor
                 ) -> tuple[Tensor | None, Tensor]:
@@ -51,20 +52,20 @@ class LinearRule(LayerRule):
             out["bias"] = g3.sum(1).pow(2).sum(1)
         return out
 
-    def clipped_sum(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor, c: Tensor) -> dict[str, Tensor]:
+    def add_clipped(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor, c: Tensor,
+                    out: dict[str, Tensor]) -> None:
         g3 = as_3d(g)
-        out = {}
-        if "weight" in names:
-            out["weight"] = self._orient(weighted_gt_a(as_3d(a), g3, c))
-        if "bias" in names:
-            out["bias"] = c.to(g3.dtype) @ g3.sum(1)
-        return out
+        if "weight" in out:
+            add_weighted_gt_a(out["weight"], as_3d(a), g3, c, self.transpose)
+        if "bias" in out:
+            out["bias"].add_(c.to(g3.dtype) @ g3.sum(1))
 
     def per_sample_grads(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor) -> dict[str, Tensor]:
         g3 = as_3d(g)
         out = {}
         if "weight" in names:
-            out["weight"] = self._orient(torch.bmm(g3.transpose(1, 2), as_3d(a)))
+            w = torch.bmm(g3.transpose(1, 2), as_3d(a))  # (B, p, d)
+            out["weight"] = w.transpose(1, 2) if self.transpose else w
         if "bias" in names:
             out["bias"] = g3.sum(1)
         return out
