@@ -28,6 +28,14 @@ def validate(cfg: DictConfig) -> None:
         clip = _num(cfg, "privacy.clip_norm")
         if clip is None or not _finite(clip) or clip <= 0:
             raise ConfigError(f"privacy.clip_norm must be > 0 (got {clip}); set e.g. privacy.clip_norm=1.0")
+    choices = {"privacy.accountant": ("prv",), "privacy.clipping": ("flat", "automatic"),
+               "privacy.engine": ("bk", "opacus", "opacus_ghost"), "method.optimizer.name": ("adam", "sgd"),
+               "method.optimizer.schedule": ("linear", "constant")}
+    for key, allowed in choices.items():
+        value = _num(cfg, key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{key}='{value}' is not supported; choose one of: {', '.join(allowed)}"
+                              + (" (an RDP epsilon is reported beside the PRV one)" if key == "privacy.accountant" else ""))
     delta = _num(cfg, "privacy.delta")
     if delta is not None and not (_finite(delta) and 0 < delta < 1):
         raise ConfigError(f"privacy.delta must be in (0, 1) (got {delta}); set it to null for 1/(2n)")

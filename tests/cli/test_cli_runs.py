@@ -33,10 +33,12 @@ REQUIRED = {"status", "task", "model", "method", "seed", "config", "metrics", "p
             "memory", "versions", "git"}
 
 
-@pytest.mark.parametrize("method", ["nonprivate", "dp_full", "dp_bitfit"])
+@pytest.mark.parametrize("method", ["nonprivate", "dp_full", "dp_bitfit", "dp_full+sgd"])
 def test_method_writes_valid_results(method: str, tmp_path: Path) -> None:
     out = tmp_path / method
-    proc = dpbench(*TINY_RUN, f"method={method}", "privacy.epsilon=8", f"hydra.run.dir={out}")
+    extra = ["method.optimizer.name=sgd", "method.optimizer.lr=0.5"] if method.endswith("+sgd") else []
+    method = method.removesuffix("+sgd")
+    proc = dpbench(*TINY_RUN, f"method={method}", "privacy.epsilon=8", *extra, f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = read(out)
     assert REQUIRED <= set(r) and r["status"] == "ok" and r["method"] == method
@@ -87,6 +89,8 @@ BAD_INPUTS = {
     "missing_data_dir": (["task=sst2", "task.data_dir=/nonexistent/sst2"], "task.data_dir"),
     "malformed_tsv": (["task=sst2", "task.data_dir={tmp}/bad"], "train.tsv"),
     "unknown_key": (["privacy.epsilonn=3"], "privacy.epsilonn"),
+    "unknown_accountant": (["privacy.accountant=rdp"], "privacy.accountant"),
+    "unknown_engine": (["privacy.engine=fast"], "privacy.engine"),
     "empty_dataset": (["task=sst2", "task.data_dir={tmp}/empty"], "empty"),
     "batch_too_large": (["privacy.batch_size=1000"], "privacy.batch_size"),
 }
