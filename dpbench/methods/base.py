@@ -97,7 +97,8 @@ class ClassifierModule(L.LightningModule):
         opt = PrivateOptimizer(inner, self.engine,
                                noise_multiplier=self.dp.noise_multiplier if self.dp else None,
                                expected_batch_size=self.dp.expected_batch_size if self.dp else None,
-                               generator=generator)
+                               generator=generator,
+                               noise_streams=torch.get_num_threads() if self.device.type == "cpu" else 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -2,6 +2,7 @@
 closure-style (Lightning) and explicit steps give the same update."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dpbench.privacy.engine import make_engine
@@ -13,13 +14,15 @@ def _linear(d_in: int = 100, d_out: int = 100, seed: int = 0) -> torch.nn.Module
     return torch.nn.Sequential(torch.nn.Linear(d_in, d_out))
 
 
-def test_noise_std_matches_sigma_times_clip() -> None:
+@pytest.mark.parametrize("streams", [1, 2])
+def test_noise_std_matches_sigma_times_clip(streams: int) -> None:
     model = _linear()
     sigma, clip, expected_b = 1.3, 0.7, 20.0
     engine = make_engine("opacus", model, clip)
     before = [p.detach().clone() for p in model.parameters()]
     opt = PrivateOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), engine, noise_multiplier=sigma,
-                           expected_batch_size=expected_b, generator=torch.Generator().manual_seed(0))
+                           expected_batch_size=expected_b, generator=torch.Generator().manual_seed(0),
+                           noise_streams=streams)
     x = torch.randn(8, 100)
     engine.accumulate((engine.module(x) * 0.0).sum(1))  # zero gradients: the update is pure noise
     opt.step()
@@ -64,3 +67,22 @@ def test_closure_step_equals_explicit_step() -> None:
         engine.close()
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_parallel_noise_streams_are_deterministic_and_distinct() -> None:
+    def noise(seed: int) -> list[torch.Tensor]:
+        model = torch.nn.Sequential(torch.nn.Linear(50, 40), torch.nn.Linear(40, 30))
+        engine = make_engine("bk", model, 1.0)
+        opt = PrivateOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), engine, noise_multiplier=1.0,
+                               expected_batch_size=1.0, generator=torch.Generator().manual_seed(seed),
+                               noise_streams=2)
+        sums = [torch.zeros_like(p) for p in engine.params]
+        opt._add_noise(sums, 1.0)
+        engine.close()
+        return sums
+
+    a, b, c = noise(0), noise(0), noise(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not any(torch.equal(x, z) for x, z in zip(a, c))
+    flat = torch.cat([x.flatten() for x in a])
+    assert len(set(flat.tolist())) == flat.numel()  # no stream repeats another's draws
