@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def build(model_key: str, config: str, seq_len: int, batch: int) -> Setup:
     engine = make_engine(engine_name, lm.model, 1.0 if private else None)
     opt = PrivateOptimizer(torch.optim.AdamW(engine.params, lr=1e-5), engine,
                            noise_multiplier=1.0 if private else None, expected_batch_size=float(batch) if private else None,
-                           generator=torch.Generator().manual_seed(0), noise_streams=torch.get_num_threads())
+                           generator=torch.Generator().manual_seed(0), noise_streams=int(os.environ.get("DPBENCH_NOISE_STREAMS", torch.get_num_threads())))
     g = torch.Generator().manual_seed(1)
     vocab = lm.model.config.vocab_size
     ids = torch.randint(1000, vocab - 1, (batch, seq_len), generator=g)

@@ -7,6 +7,7 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import TEXTS, tiny_batch, tiny_model
@@ -116,3 +117,11 @@ def test_frozen_unsupported_module_costs_nothing(engine: str) -> None:
     e.accumulate(e.module(torch.randn(5, 4)).pow(2).sum(1))
     assert [s.shape for s in e.release()] == [torch.Size([4, 4]), torch.Size([4])]
     e.close()
+
+
+def test_unknown_parameter_of_a_known_module_raises() -> None:
+    """A pruned Linear holds ``weight_orig``: the Linear rule does not know it, so it must not be skipped."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    with pytest.raises(PrivacyError, match="weight_orig"):
+        make_engine("bk", model, 1.0)

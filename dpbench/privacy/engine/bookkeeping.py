@@ -58,6 +58,11 @@ class BookkeepingEngine(GradientEngine):
             if rule is None:
                 raise PrivacyError(f"per-sample clipping has no rule for trainable module '{mod_name}' "
                                    f"({type(module).__name__}); freeze it or use privacy.engine=opacus")
+            unknown = [n for n in names if n not in rule.param_names]
+            if unknown:
+                raise PrivacyError(f"per-sample clipping has no rule for trainable parameter(s) "
+                                   f"{', '.join(f'{mod_name}.{n}' for n in unknown)} of {type(module).__name__}; "
+                                   "freeze them or use privacy.engine=opacus")
             self._layers.append((module, rule))
             self._names[module] = frozenset(names)
             for n in names:

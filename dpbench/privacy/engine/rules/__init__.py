@@ -16,7 +16,13 @@ _BY_SUFFIX: dict[str, "LayerRule"] = {}
 
 
 class LayerRule:
-    """Base class; parameters are addressed by their attribute name in the module ("weight", "bias")."""
+    """Base class; parameters are addressed by their attribute name in the module ("weight", "bias").
+
+    ``param_names`` lists the parameters a rule knows; the engine refuses a module with any other
+    trainable parameter (e.g. ``weight_orig`` after ``torch.nn.utils.prune``), so none is left out.
+    """
+
+    param_names: tuple[str, ...] = ("weight", "bias")
 
     def capture(self, module: nn.Module, names: frozenset[str], x: Tensor) -> Tensor | None:
         """What to keep from the input for the weight's gradient (None when the weight is frozen)."""
