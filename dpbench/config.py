@@ -4,14 +4,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dpbench.errors import ConfigError
+from dpbench.privacy.engine import ENGINES
 
 
 def _num(cfg: DictConfig, key: str) -> Any:
-    from omegaconf import OmegaConf
-
     return OmegaConf.select(cfg, key)
 
 
@@ -29,7 +28,7 @@ def validate(cfg: DictConfig) -> None:
         if clip is None or not _finite(clip) or clip <= 0:
             raise ConfigError(f"privacy.clip_norm must be > 0 (got {clip}); set e.g. privacy.clip_norm=1.0")
     choices = {"privacy.accountant": ("prv",), "privacy.clipping": ("flat", "automatic"),
-               "privacy.engine": ("bk", "opacus", "opacus_ghost"), "method.optimizer.name": ("adam", "sgd"),
+               "privacy.engine": ENGINES, "method.optimizer.name": ("adam", "sgd"),
                "method.optimizer.schedule": ("linear", "constant")}
     for key, allowed in choices.items():
         value = _num(cfg, key)

@@ -89,8 +89,8 @@ def plan_privacy(cfg: DictConfig, n: int, *, private: bool, target_epsilon: floa
     delta = float(p.delta) if p.get("delta") is not None else default_delta(n)
     if delta >= 1.0 / n and not p.get("allow_large_delta", False):
         raise ConfigError(f"privacy.delta={delta:g} is not below 1/n={1 / n:g}; lower it or set privacy.allow_large_delta=true")
-    target = float(target_epsilon if target_epsilon is not None else p.epsilon) if (
-        target_epsilon is not None or p.get("epsilon") is not None) else None
+    target = target_epsilon if target_epsilon is not None else p.get("epsilon")
+    target = None if target is None else float(target)
     sigma = p.get("noise_multiplier")
     if sigma is None:
         sigma = calibrate_noise(target, q, steps, delta, prior_stages=prior_stages)

@@ -49,7 +49,6 @@ class PrivateOptimizer(Optimizer):
         self.engine = engine
         self.noise_multiplier = noise_multiplier
         self.expected_batch_size = expected_batch_size
-        self.generator = generator
         self.steps = 0
         self.last_batch_size = 0
         self._streams = self._make_streams(generator, noise_streams) if private else []

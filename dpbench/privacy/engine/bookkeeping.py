@@ -114,11 +114,9 @@ class BookkeepingEngine(GradientEngine):
         calls = {m: [(a, g) for a, g in recs if g is not None] for m, recs in self._calls.items()}
         self._calls.clear()
         batch = per_sample_losses.shape[0]
-        zeros = per_sample_losses.new_zeros(batch).to(self.params[0].dtype)
-
         shared = {pid for pid, own in self._owners.items()
                   if len(own) > 1 or len(calls.get(own[0][0], [])) > 1}
-        norms_sq = zeros.clone()
+        norms_sq = torch.zeros(batch, dtype=self.params[0].dtype, device=per_sample_losses.device)
         shared_grads: dict[int, Tensor] = {}
         for module, recs in calls.items():
             rule, names = self._rules[module], self._names[module]
