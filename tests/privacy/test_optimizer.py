@@ -76,8 +76,8 @@ def test_parallel_noise_streams_are_deterministic_and_distinct() -> None:
         opt = PrivateOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), engine, noise_multiplier=1.0,
                                expected_batch_size=1.0, generator=torch.Generator().manual_seed(seed),
                                noise_streams=2)
-        sums = [torch.zeros_like(p) for p in engine.params]
-        opt._add_noise(sums, 1.0)
+        sums = [torch.empty_like(p) for p in engine.params]
+        opt._fill_noise(sums)
         engine.close()
         return sums
 

@@ -8,6 +8,7 @@ logical batch. Engines differ only in how they get the per-sample norms and the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -39,8 +40,12 @@ class GradientEngine(ABC):
         if not self.named_params:
             raise ValueError("the model has no trainable parameters")
         self.params = [p for _, p in self.named_params]
+        self._buffers: list[Tensor] | None = None
         self._sums: list[Tensor] | None = None
         self.num_examples = 0
+        self.start_sums: Callable[[list[Tensor]], None] = _zero
+        """Fills the sum buffers when a logical batch opens (zeros; the private optimizer draws its noise
+        there, so the noise is added once per logical batch with no extra pass or temporary)."""
 
     @property
     def module(self) -> nn.Module:
@@ -55,16 +60,24 @@ class GradientEngine(ABC):
         if per_sample_losses.ndim != 1:
             raise ValueError("accumulate() expects one loss per example, shape (B,)")
         if self._sums is None:  # once per logical batch
-            self._sums = [torch.zeros_like(p) for p in self.params]
+            self._sums = self._open_sums()
         norms = self._add_clipped(per_sample_losses, self._sums)
         self.num_examples += per_sample_losses.shape[0]
         return norms
 
     def release(self) -> list[Tensor]:
-        """Return the accumulated sums (zeros for an empty logical batch) and reset."""
-        sums = self._sums if self._sums is not None else [torch.zeros_like(p) for p in self.params]
+        """Return the accumulated sums (just ``start_sums``' fill for an empty logical batch) and reset.
+
+        The tensors are the engine's persistent buffers: valid until the next logical batch opens."""
+        sums = self._sums if self._sums is not None else self._open_sums()
         self._sums, self.num_examples = None, 0
         return sums
+
+    def _open_sums(self) -> list[Tensor]:
+        if self._buffers is None:  # allocated once: no page faults for fresh memory on every step
+            self._buffers = [torch.empty_like(p) for p in self.params]
+        self.start_sums(self._buffers)
+        return self._buffers
 
     @abstractmethod
     def _add_clipped(self, per_sample_losses: Tensor, sums: list[Tensor]) -> Tensor:
@@ -86,6 +99,11 @@ class SumEngine(GradientEngine):
             if g is not None:
                 s.add_(g)
         return torch.full((per_sample_losses.shape[0],), float("nan"))
+
+
+def _zero(sums: list[Tensor]) -> None:
+    for s in sums:
+        s.zero_()
 
 
 def weighted_sum(per_sample: Tensor, factors: Tensor) -> Tensor:

@@ -118,10 +118,11 @@ class BookkeepingEngine(GradientEngine):
                   if len(own) > 1 or len(calls.get(own[0][0], [])) > 1}
         norms_sq = torch.zeros(batch, dtype=self.params[0].dtype, device=per_sample_losses.device)
         shared_grads: dict[int, Tensor] = {}
+        memo: dict = {}
         for module, recs in calls.items():
             rule, names = self._rules[module], self._names[module]
             for a, g in recs:
-                for name, v in rule.norms_sq(module, names, a, g).items():
+                for name, v in rule.norms_sq(module, names, a, g, memo).items():
                     if id(getattr(module, name)) not in shared:
                         norms_sq += v
                 if any(id(getattr(module, n)) in shared for n in names):
@@ -134,6 +135,7 @@ class BookkeepingEngine(GradientEngine):
         norms = norms_sq.clamp(min=0).sqrt()
         c = clip_factors(norms, self.clip_norm, self.clipping)
 
+        memo.clear()  # Gram matrices are not needed any more; scaled inputs depend on c
         acc = {id(p): s for p, s in zip(self.params, sums)}
         for pid, v in shared_grads.items():
             acc[pid].add_((v * c.view(-1, *[1] * (v.ndim - 1)).to(v.dtype)).sum(0))
@@ -141,7 +143,7 @@ class BookkeepingEngine(GradientEngine):
             rule, names = self._rules[module], self._names[module]
             out = {n: acc[id(getattr(module, n))] for n in names if id(getattr(module, n)) not in shared}
             for a, g in recs:
-                rule.add_clipped(module, names, a, g, c, out)
+                rule.add_clipped(module, names, a, g, c, out, memo)
         return norms
 
     def close(self) -> None:

@@ -20,6 +20,8 @@ class LayerRule:
 
     ``param_names`` lists the parameters a rule knows; the engine refuses a module with any other
     trainable parameter (e.g. ``weight_orig`` after ``torch.nn.utils.prune``), so none is left out.
+    ``memo`` (one dict per micro-batch) lets rules share work between calls on the same input
+    tensor, e.g. the Gram matrix AAᵀ of the input that the q, k and v projections all read.
     """
 
     param_names: tuple[str, ...] = ("weight", "bias")
@@ -34,12 +36,13 @@ class LayerRule:
         that less is kept until the end of the backward (e.g. Σₜ gₜ for a bias). Default: keep both."""
         return a, g
 
-    def norms_sq(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor) -> dict[str, Tensor]:
+    def norms_sq(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor,
+                 memo: dict | None = None) -> dict[str, Tensor]:
         """Per-sample squared gradient norm of each trainable parameter, shape (B,)."""
         return {k: v.flatten(1).pow(2).sum(1) for k, v in self.per_sample_grads(module, names, a, g).items()}
 
     def add_clipped(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor, c: Tensor,
-                    out: dict[str, Tensor]) -> None:
+                    out: dict[str, Tensor], memo: dict | None = None) -> None:
         """out[name] += Σᵢ cᵢ · (per-sample gradient of parameter ``name``), in place, for the names in ``out``."""
         for k, v in self.per_sample_grads(module, names, a, g).items():
             if k in out:

@@ -24,7 +24,8 @@ class EmbeddingRule(LayerRule):
     def capture(self, module: nn.Module, names: frozenset[str], x: Tensor) -> Tensor | None:
         return x.detach() if "weight" in names else None
 
-    def norms_sq(self, module: nn.Module, names: frozenset[str], ids: Tensor | None, g: Tensor) -> dict[str, Tensor]:
+    def norms_sq(self, module: nn.Module, names: frozenset[str], ids: Tensor | None, g: Tensor,
+                 memo: dict | None = None) -> dict[str, Tensor]:
         if "weight" not in names:
             return {}
         b, d = g.shape[0], g.shape[-1]
@@ -37,7 +38,7 @@ class EmbeddingRule(LayerRule):
         return {"weight": norms.index_add_(0, uniq // module.num_embeddings, rows.pow(2).sum(1))}
 
     def add_clipped(self, module: nn.Module, names: frozenset[str], ids: Tensor | None, g: Tensor, c: Tensor,
-                    out: dict[str, Tensor]) -> None:
+                    out: dict[str, Tensor], memo: dict | None = None) -> None:
         if "weight" in out:
             g3 = _masked(module, ids, g) * c.view(-1, *[1] * (g.ndim - 1)).to(g.dtype)
             out["weight"].index_add_(0, ids.reshape(-1), g3.reshape(-1, g.shape[-1]))

@@ -13,24 +13,41 @@ from transformers.pytorch_utils import Conv1D
 from dpbench.privacy.engine.rules import LayerRule, as_3d, register
 
 
-def weight_norms_sq(a: Tensor, g: Tensor) -> Tensor:
+def _memoised(memo: dict | None, kind: str, x: Tensor, make) -> Tensor:
+    """``make()`` once per (kind, tensor storage and layout) within one micro-batch's ``memo``."""
+    if memo is None:
+        return make()
+    key = (kind, x.data_ptr(), tuple(x.shape), x.stride())
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
+
+
+def weight_norms_sq(a: Tensor, g: Tensor, memo: dict | None = None) -> Tensor:
     """‖Gᵢᵀ Aᵢ‖²_F per sample, for a (B, T, d), g (B, T, p)."""
     t, d, p = a.shape[1], a.shape[2], g.shape[2]
     if t == 1:
         return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
-    if t * (d + p) < d * p:  # ghost norm
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    if t * (d + p) < d * p:  # ghost norm; AAᵀ is shared by layers reading the same input (q, k, v)
+        aat = _memoised(memo, "gram", a, lambda: torch.bmm(a, a.transpose(1, 2)))
+        return (aat * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
     return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
 
 
-def add_weighted_gt_a(out: Tensor, a: Tensor, g: Tensor, c: Tensor, transpose: bool) -> None:
-    """out += Σᵢ cᵢ Gᵢᵀ Aᵢ (a (p, d) matrix; its transpose for ``transpose``), one matmul in place."""
-    gc = (g * c.view(-1, 1, 1).to(g.dtype)).reshape(-1, g.shape[-1])
-    a2 = a.reshape(-1, a.shape[-1])
-    if transpose:
-        out.addmm_(a2.T, gc)
+def add_weighted_gt_a(out: Tensor, a: Tensor, g: Tensor, c: Tensor, transpose: bool, memo: dict | None = None) -> None:
+    """out += Σᵢ cᵢ Gᵢᵀ Aᵢ (a (p, d) matrix; its transpose for ``transpose``), one matmul in place.
+
+    cᵢ scales the narrower of A and G (a scaled input is shared by layers reading the same input)."""
+    cc = c.view(-1, 1, 1)
+    if a.shape[-1] <= g.shape[-1]:
+        a = _memoised(memo, "scaled", a, lambda: a * cc.to(a.dtype))
     else:
-        out.addmm_(gc.T, a2)
+        g = g * cc.to(g.dtype)
+    a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    if transpose:
+        out.addmm_(a2.T, g2)
+    else:
+        out.addmm_(g2.T, a2)
 
 
 @register(nn.Linear)
@@ -43,20 +60,21 @@ class LinearRule(LayerRule):
             return a, g
         return None, as_3d(g).sum(1, keepdim=True)  # bias only: Σₜ gₜ is all that is needed
 
-    def norms_sq(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor) -> dict[str, Tensor]:
+    def norms_sq(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor,
+                 memo: dict | None = None) -> dict[str, Tensor]:
         g3 = as_3d(g)
         out = {}
         if "weight" in names:
-            out["weight"] = weight_norms_sq(as_3d(a), g3)
+            out["weight"] = weight_norms_sq(as_3d(a), g3, memo)
         if "bias" in names:
             out["bias"] = g3.sum(1).pow(2).sum(1)
         return out
 
     def add_clipped(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor, c: Tensor,
-                    out: dict[str, Tensor]) -> None:
+                    out: dict[str, Tensor], memo: dict | None = None) -> None:
         g3 = as_3d(g)
         if "weight" in out:
-            add_weighted_gt_a(out["weight"], as_3d(a), g3, c, self.transpose)
+            add_weighted_gt_a(out["weight"], as_3d(a), g3, c, self.transpose, memo)
         if "bias" in out:
             out["bias"].add_(c.to(g3.dtype) @ g3.sum(1))
 

