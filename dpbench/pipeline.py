@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpbench.data.datamodule import TextDataModule
+from dpbench.data.datamodule import Collator, EncodedDataset, TextDataModule
 from dpbench.data.examples import TextClassificationData
 from dpbench.data.glue import load_glue
 from dpbench.data.synthetic import make_synthetic
@@ -102,6 +102,48 @@ def plan_privacy(cfg: DictConfig, n: int, *, private: bool, target_epsilon: floa
     return PrivacyPlan(True, b, q, steps, delta, float(sigma), target, float(p.clip_norm))
 
 
+def split_steps(total: int, fractions: Sequence[float]) -> list[int]:
+    """Integer steps per stage in proportion to ``fractions``, each ≥ 1, summing to ``total``."""
+    if not fractions or any(f <= 0 for f in fractions):
+        raise ConfigError(f"stage step fractions must be > 0 (got {list(fractions)})")
+    if total < len(fractions):
+        raise ConfigError(f"{total} steps cannot cover {len(fractions)} training stages; raise trainer.max_steps "
+                          "or privacy.epochs")
+    weights = [f / sum(fractions) for f in fractions]
+    steps = [max(1, math.floor(w * total)) for w in weights]
+    for i in sorted(range(len(steps)), key=lambda i: steps[i] - weights[i] * total)[: total - sum(steps)]:
+        steps[i] += 1  # the largest remainders get the leftover steps
+    while sum(steps) > total:  # only when a tiny stage was raised to 1
+        steps[steps.index(max(steps))] -= 1
+    return steps
+
+
+def plan_stages(cfg: DictConfig, n: int, fractions: Sequence[float], *, private: bool,
+                budget_split: float | None = None) -> list[PrivacyPlan]:
+    """Plans for consecutive training stages on the same private data; the total step count (from
+    ``trainer.max_steps`` or ``privacy.epochs``) is split over them by ``fractions``.
+
+    Privacy of the composition: every stage is a Poisson-subsampled Gaussian mechanism on the same
+    data, and the run's ε is the PRV composition of all of them. By default every stage gets the
+    same σ, calibrated for the total step count, so the composition of the stages is exactly the
+    mechanism that was calibrated. With ``budget_split=f`` (two stages), the first stage alone is
+    calibrated for f·ε and the second for the composition to reach ε (its own share is then more
+    than (1 − f)·ε, since composition is sublinear).
+    """
+    total = plan_privacy(cfg, n, private=False).steps
+    steps = split_steps(total, fractions)
+    target = cfg.privacy.get("epsilon")
+    if budget_split is not None and private and target is not None and cfg.privacy.get("noise_multiplier") is None:
+        if len(steps) != 2 or not 0 < budget_split < 1:
+            raise ConfigError(f"method.budget_split={budget_split} needs exactly two stages and a value in (0, 1)")
+        first = plan_privacy(cfg, n, private=True, target_epsilon=budget_split * float(target), steps=steps[0])
+        first = replace(first, target_epsilon=float(target))
+        prior = [Stage("first", first.noise_multiplier, first.sample_rate, first.steps)]
+        return [first, plan_privacy(cfg, n, private=True, prior_stages=prior, steps=steps[1])]
+    base = plan_privacy(cfg, n, private=private, steps=total)
+    return [replace(base, steps=k) for k in steps]
+
+
 # -- one training stage --------------------------------------------------------------------------
 @dataclass
 class StageResult:
@@ -142,15 +184,19 @@ def make_logger(cfg: DictConfig, out_dir: Path, stage: str):
 
 def train_classifier(cfg: DictConfig, lm: LoadedModel, spec: TaskSpec, train: TextClassificationData,
                      dev: TextClassificationData, plan: PrivacyPlan, out_dir: Path, *,
-                     stage_name: str = "train", seed: int = 0) -> StageResult:
-    """Train ``lm``'s trainable parameters under ``plan``, then evaluate on ``dev``."""
+                     stage_name: str = "train", seed: int = 0,
+                     module_factory: Callable[..., ClassifierModule] = ClassifierModule) -> StageResult:
+    """Train ``lm``'s trainable parameters under ``plan``, then evaluate on ``dev``.
+
+    ``module_factory`` builds the Lightning module (a subclass with another per-sample loss, e.g.
+    distillation, keeps the same DP step)."""
     p = cfg.privacy
     dp = None
     if plan.private:
         dp = DPConfig(noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
                       expected_batch_size=plan.batch_size, engine=p.get("engine", "bk"),
                       clipping=p.get("clipping", "flat"), noise_seed=seed + 1)
-    module = ClassifierModule(lm, spec, optim_config(cfg.method), dp, int(p.physical_batch_size), plan.steps)
+    module = module_factory(lm, spec, optim_config(cfg.method), dp, int(p.physical_batch_size), plan.steps)
     data = TextDataModule(train, dev, lm.tokenizer, int(cfg.task.max_length), make_sampler(plan, len(train), seed),
                           eval_batch_size=int(cfg.trainer.get("eval_batch_size", 64)))
     t = cfg.trainer
@@ -171,6 +217,13 @@ def train_classifier(cfg: DictConfig, lm: LoadedModel, spec: TaskSpec, train: Te
     stage = Stage(stage_name, plan.noise_multiplier, plan.sample_rate, steps) if plan.private else None
     module.engine.close()
     return StageResult(dict(module.final_metrics), stage, train_s, steps, module)
+
+
+def sample_inputs(lm: LoadedModel, data: TextClassificationData, max_length: int, size: int) -> dict[str, torch.Tensor]:
+    """Model inputs for the first ``size`` examples (e.g. to time inference)."""
+    encoded = EncodedDataset(data, lm.tokenizer, max_length)
+    items = [encoded[i] for i in range(min(size, len(encoded)))]
+    return lm.inputs(Collator(lm.tokenizer.pad_token_id)(items))
 
 
 # -- the record ----------------------------------------------------------------------------------

@@ -10,12 +10,17 @@ from dpbench.errors import ConfigError
 from dpbench.results.schema import RunRecord
 
 Runner = Callable[[DictConfig, Path], RunRecord]
+KINDS = ("finetune", "prune", "distill")
 
 
 def get_runner(kind: str) -> Runner:
     """``method.kind`` → its runner (imported lazily so the CLI starts fast)."""
     if kind == "finetune":
         from dpbench.methods.finetune import run
-
-        return run
-    raise ConfigError(f"unknown method.kind '{kind}'; choose one of: finetune")
+    elif kind == "prune":
+        from dpbench.methods.compress import run
+    elif kind == "distill":
+        from dpbench.methods.distill import run
+    else:
+        raise ConfigError(f"unknown method.kind '{kind}'; choose one of: {', '.join(KINDS)}")
+    return run

@@ -120,8 +120,30 @@ def test_frozen_unsupported_module_costs_nothing(engine: str) -> None:
 
 
 def test_unknown_parameter_of_a_known_module_raises() -> None:
-    """A pruned Linear holds ``weight_orig``: the Linear rule does not know it, so it must not be skipped."""
+    """A Linear with an extra trainable tensor its rule does not know must not be skipped."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
-    with pytest.raises(PrivacyError, match="weight_orig"):
+    model[0].register_parameter("scale", torch.nn.Parameter(torch.ones(4)))
+    with pytest.raises(PrivacyError, match="scale"):
         make_engine("bk", model, 1.0)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_pruned_weights_match_naive_loop_and_get_no_noise(family: str) -> None:
+    """``torch.nn.utils.prune`` masks (Linear and GPT-2's Conv1D): per-sample norms of the masked
+    gradients, and the released sum — gradient and noise — is zero at every pruned coordinate."""
+    lm = tiny_model(family)
+    targets = [(m, "weight") for n, m in lm.model.named_modules()
+               if type(m).__name__ in ("Linear", "Conv1D") and not n.startswith(("classifier", "score"))]
+    torch.nn.utils.prune.global_unstructured(targets, torch.nn.utils.prune.L1Unstructured, amount=0.5)
+    batch = tiny_batch(lm, TEXTS)
+    check_against_naive(lm.model, classification_loss(lm), batch, "bk")
+    engine = make_engine("bk", lm.model, 1.0)
+    engine.start_sums = lambda sums: [s.normal_() for s in sums]  # the noise the optimizer would draw
+    engine.accumulate(classification_loss(lm)(engine.module, batch))
+    sums = dict(zip([n for n, _ in engine.named_params], engine.release()))
+    for module, _ in targets:
+        name = next(n for n, m in lm.model.named_modules() if m is module)
+        released = sums[f"{name}.weight_orig"]
+        assert torch.all(released[module.weight_mask == 0] == 0)
+        assert torch.all(released[module.weight_mask == 1] != 0)
+    engine.close()

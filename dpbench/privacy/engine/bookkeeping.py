@@ -13,7 +13,9 @@ Bias-only training (DP-BiTFiT) keeps no activations: a bias's per-sample gradien
 gradient summed over tokens. A parameter used by several calls (tied weights, shared modules) is
 clipped on the per-sample gradient of the parameter itself: its per-call per-sample gradients are
 instantiated and added before taking the norm. A trainable parameter owned by a module without a
-rule raises :class:`PrivacyError` naming it; frozen modules get no hooks and cost nothing.
+rule raises :class:`PrivacyError` naming it; frozen modules get no hooks and cost nothing. Weights
+pruned with ``torch.nn.utils.prune`` train as ``weight_orig`` with their masked per-sample norms;
+the released sum is masked, so a pruned weight never receives gradient or noise.
 """
 from __future__ import annotations
 
@@ -68,6 +70,8 @@ class BookkeepingEngine(GradientEngine):
             for n in names:
                 owners[id(getattr(module, n))].append((module, n))
         self._owners = owners
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self._masked = [(index[id(m.weight_orig)], m) for m, names in self._names.items() if "weight_orig" in names]
         self._calls: dict[nn.Module, list[list]] = defaultdict(list)  # module → [[a, g], ...]
         self._hidden = False
         self._handles = [m.register_forward_hook(self._forward_hook) for m, _ in self._layers]
@@ -145,6 +149,14 @@ class BookkeepingEngine(GradientEngine):
             for a, g in recs:
                 rule.add_clipped(module, names, a, g, c, out, memo)
         return norms
+
+    def release(self) -> list[Tensor]:
+        """The sums, with pruned coordinates (``torch.nn.utils.prune`` masks) zeroed: no gradient and
+        no noise reaches a pruned weight."""
+        sums = super().release()
+        for i, module in self._masked:
+            sums[i].mul_(module.weight_mask.to(sums[i].dtype))
+        return sums
 
     def close(self) -> None:
         for h in self._handles:

@@ -3,6 +3,11 @@
 Per-sample weight gradient for sample i is Gᵢᵀ Aᵢ (T×p by T×d). Its squared norm comes either from
 the ghost norm ⟨AᵢAᵢᵀ, GᵢGᵢᵀ⟩ (cost ~T²(d+p)) or from instantiating Gᵢᵀ Aᵢ (cost ~T·d·p), whichever
 is cheaper for the layer's shapes. The clipped sum is one contraction Σᵢ cᵢ GᵢᵀAᵢ.
+
+A weight pruned with ``torch.nn.utils.prune`` trains as ``weight_orig`` under the fixed mask M
+(weight = weight_orig ⊙ M), so its per-sample gradient is (GᵢᵀAᵢ) ⊙ M. The ghost norm cannot see a
+mask, so that norm is taken on instantiated gradients (in batch chunks); the clipped sum is the
+dense contraction, and the engine applies M to the released sum (gradient and noise alike).
 """
 from __future__ import annotations
 
@@ -34,6 +39,15 @@ def weight_norms_sq(a: Tensor, g: Tensor, memo: dict | None = None) -> Tensor:
     return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
 
 
+def masked_weight_norms_sq(a: Tensor, g: Tensor, mask: Tensor, max_elems: int = 1 << 25) -> Tensor:
+    """‖(Gᵢᵀ Aᵢ) ⊙ M‖²_F per sample for a (p, d) mask M, instantiating at most ``max_elems`` values at once."""
+    p, d = mask.shape
+    m = mask.to(a.dtype)
+    per = max(1, max_elems // (p * d))
+    return torch.cat([(torch.bmm(g[i:i + per].transpose(1, 2), a[i:i + per]).pow_(2) * m).sum((1, 2))
+                      for i in range(0, a.shape[0], per)])
+
+
 def add_weighted_gt_a(out: Tensor, a: Tensor, g: Tensor, c: Tensor, transpose: bool, memo: dict | None = None) -> None:
     """out += Σᵢ cᵢ Gᵢᵀ Aᵢ (a (p, d) matrix; its transpose for ``transpose``), one matmul in place.
 
@@ -50,22 +64,38 @@ def add_weighted_gt_a(out: Tensor, a: Tensor, g: Tensor, c: Tensor, transpose: b
         out.addmm_(g2.T, a2)
 
 
+def weight_name(names: frozenset[str]) -> str | None:
+    """The trainable weight's name: ``weight``, ``weight_orig`` (pruned, masked) or None (frozen)."""
+    return "weight" if "weight" in names else "weight_orig" if "weight_orig" in names else None
+
+
 @register(nn.Linear)
 class LinearRule(LayerRule):
     transpose = False  # Conv1D stores the weight as (in, out)
+    param_names = ("weight", "bias", "weight_orig")
+
+    def capture(self, module: nn.Module, names: frozenset[str], x: Tensor) -> Tensor | None:
+        return x.detach() if weight_name(names) else None
 
     def on_grad(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor
                 ) -> tuple[Tensor | None, Tensor]:
-        if "weight" in names:
+        if weight_name(names):
             return a, g
         return None, as_3d(g).sum(1, keepdim=True)  # bias only: Σₜ gₜ is all that is needed
+
+    def _mask(self, module: nn.Module) -> Tensor:
+        """The pruning mask in (out, in) layout, matching Gᵢᵀ Aᵢ."""
+        return module.weight_mask.T if self.transpose else module.weight_mask
 
     def norms_sq(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor,
                  memo: dict | None = None) -> dict[str, Tensor]:
         g3 = as_3d(g)
         out = {}
-        if "weight" in names:
-            out["weight"] = weight_norms_sq(as_3d(a), g3, memo)
+        w = weight_name(names)
+        if w == "weight":
+            out[w] = weight_norms_sq(as_3d(a), g3, memo)
+        elif w == "weight_orig":
+            out[w] = masked_weight_norms_sq(as_3d(a), g3, self._mask(module))
         if "bias" in names:
             out["bias"] = g3.sum(1).pow(2).sum(1)
         return out
@@ -73,17 +103,21 @@ class LinearRule(LayerRule):
     def add_clipped(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor, c: Tensor,
                     out: dict[str, Tensor], memo: dict | None = None) -> None:
         g3 = as_3d(g)
-        if "weight" in out:
-            add_weighted_gt_a(out["weight"], as_3d(a), g3, c, self.transpose, memo)
+        w = weight_name(names)
+        if w in out:  # for weight_orig the engine masks the released sum
+            add_weighted_gt_a(out[w], as_3d(a), g3, c, self.transpose, memo)
         if "bias" in out:
             out["bias"].add_(c.to(g3.dtype) @ g3.sum(1))
 
     def per_sample_grads(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor) -> dict[str, Tensor]:
         g3 = as_3d(g)
         out = {}
-        if "weight" in names:
-            w = torch.bmm(g3.transpose(1, 2), as_3d(a))  # (B, p, d)
-            out["weight"] = w.transpose(1, 2) if self.transpose else w
+        w = weight_name(names)
+        if w:
+            grads = torch.bmm(g3.transpose(1, 2), as_3d(a))  # (B, p, d)
+            if w == "weight_orig":
+                grads = grads * self._mask(module).to(grads.dtype)
+            out[w] = grads.transpose(1, 2) if self.transpose else grads
         if "bias" in names:
             out["bias"] = g3.sum(1)
         return out

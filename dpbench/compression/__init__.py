@@ -1,0 +1,1 @@
+"""Model compression: unstructured magnitude masks, structured head/neuron removal, reports."""
