@@ -25,6 +25,7 @@ from dpbench.errors import ConfigError, DataError
 from dpbench.methods.base import ClassifierModule, DPConfig, OptimConfig
 from dpbench.models.registry import LoadedModel
 from dpbench.privacy.accounting import Stage, calibrate_noise, compute_epsilon, default_delta
+from dpbench.privacy.allocation import AllocationConfig
 from dpbench.privacy.sampling import PoissonBatchSampler, ShuffleBatchSampler
 from dpbench.results.io import git_info, peak_rss_mb, versions
 from dpbench.results.schema import STATUS_OK, PrivacyRecord, RunRecord
@@ -164,6 +165,17 @@ def optim_config(method: DictConfig) -> OptimConfig:
     return OptimConfig(**OmegaConf.to_container(method.optimizer, resolve=True))
 
 
+def allocation_config(method: DictConfig) -> AllocationConfig | None:
+    """``method.anadp`` as an :class:`AllocationConfig` (None for uniform noise)."""
+    section = method.get("anadp")
+    if not section:
+        return None
+    try:
+        return AllocationConfig(**OmegaConf.to_container(section, resolve=True))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"method.anadp: {e}") from None
+
+
 def make_logger(cfg: DictConfig, out_dir: Path, stage: str):
     name = cfg.logger.get("name", "csv")
     if name == "csv":
@@ -195,7 +207,8 @@ def train_classifier(cfg: DictConfig, lm: LoadedModel, spec: TaskSpec, train: Te
     if plan.private:
         dp = DPConfig(noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
                       expected_batch_size=plan.batch_size, engine=p.get("engine", "bk"),
-                      clipping=p.get("clipping", "flat"), noise_seed=seed + 1)
+                      clipping=p.get("clipping", "flat"), noise_seed=seed + 1,
+                      allocation=allocation_config(cfg.method))
     module = module_factory(lm, spec, optim_config(cfg.method), dp, int(p.physical_batch_size), plan.steps)
     data = TextDataModule(train, dev, lm.tokenizer, int(cfg.task.max_length), make_sampler(plan, len(train), seed),
                           eval_batch_size=int(cfg.trainer.get("eval_batch_size", 64)))
@@ -214,7 +227,7 @@ def train_classifier(cfg: DictConfig, lm: LoadedModel, spec: TaskSpec, train: Te
     steps = module.steps_taken
     if steps != plan.steps:
         raise RuntimeError(f"stage '{stage_name}' ran {steps} of {plan.steps} planned steps; not recording it as complete")
-    stage = Stage(stage_name, plan.noise_multiplier, plan.sample_rate, steps) if plan.private else None
+    stage = Stage(stage_name, module.effective_noise_multiplier, plan.sample_rate, steps) if plan.private else None
     module.engine.close()
     return StageResult(dict(module.final_metrics), stage, train_s, steps, module)
 

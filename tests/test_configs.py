@@ -25,6 +25,22 @@ def test_required_members_exist() -> None:
     for group, names in {"model": ["minilm", "bert_base", "roberta_base", "distilbert", "tiny_bert", "tiny_roberta",
                                    "tiny_gpt2"],
                          "task": ["sst2", "qnli", "qqp", "mnli", "cola", "mrpc", "rte", "synthetic", "synthetic_pair"],
-                         "method": ["nonprivate", "dp_full", "dp_bitfit"], "logger": ["csv", "wandb"],
-                         "experiment": ["quickstart"]}.items():
+                         "method": ["nonprivate", "dp_full", "dp_bitfit", "dpkd", "prune_zero_shot", "prune_one_shot",
+                                    "dpimp", "dpimp_structured", "dp_lora", "anadp"], "logger": ["csv", "wandb"],
+                         "experiment": ["quickstart", "compression", "anadp"]}.items():
         assert {(group, n) for n in names} <= have
+
+
+TEMPLATES = sorted(p.stem for p in (CONF.parent / "multirun_templates").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_multirun_template_composes_with_its_sweep(template: str) -> None:
+    """``dpbench -m -cd multirun_templates -cn NAME``: the template adds the base config and a sweep."""
+    with initialize_config_dir(config_dir=str(CONF.parent / "multirun_templates"), version_base="1.3"):
+        cfg = compose(config_name=template, overrides=["hydra.searchpath=[file://" + str(CONF) + "]"],
+                      return_hydra_config=True)
+    validate(cfg)
+    params = cfg.hydra.sweeper.params
+    assert params and set(params["task"].split(",")) == {"sst2", "qnli", "mnli", "qqp"}
+    assert cfg.task.data_dir.endswith(f"/{cfg.task.name}")

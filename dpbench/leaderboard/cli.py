@@ -42,8 +42,11 @@ def render(records: list[tuple[Path, dict[str, Any]]], console: Console) -> None
                            (r.get("privacy") or {}).get("target_epsilon") or float("inf"),
                            -(main_metric(r)[1] or 0.0)))
     table = Table(title=f"dpbench leaderboard ({len(ok)} runs)")
-    for col in ("task", "model", "method", "ε (target)", "δ", "metric", "value", "trainable", "steps", "train s"):
-        table.add_column(col, justify="right" if col in ("value", "trainable", "steps", "train s") else "left")
+    compressed = any(r.get("compression") for r in ok)
+    cols = ("task", "model", "method", "ε (target)", "δ", "metric", "value", "trainable", "steps", "train s")
+    cols += ("sparsity", "params", "latency ×") if compressed else ()
+    for col in cols:
+        table.add_column(col, justify="left" if col in cols[:6] else "right")
     for r in ok:
         priv = r.get("privacy") or {}
         eps = priv.get("epsilon")
@@ -51,10 +54,14 @@ def render(records: list[tuple[Path, dict[str, Any]]], console: Console) -> None
         metric, value = main_metric(r)
         params = r.get("params") or {}
         timing = r.get("timing") or {}
-        table.add_row(r.get("task", "?"), r.get("model", "?"), r.get("method", "?"), eps_s,
-                      "—" if priv.get("delta") is None else f"{priv['delta']:.1e}", metric, _fmt(value),
-                      f"{params.get('trainable', 0):,}", str(timing.get("steps", "")),
-                      _fmt(timing.get("train_s"), 1))
+        row = [r.get("task", "?"), r.get("model", "?"), r.get("method", "?"), eps_s,
+               "—" if priv.get("delta") is None else f"{priv['delta']:.1e}", metric, _fmt(value),
+               f"{params.get('trainable', 0):,}", str(timing.get("steps", "")), _fmt(timing.get("train_s"), 1)]
+        if compressed:
+            c = r.get("compression") or {}
+            row += [_fmt(c.get("sparsity"), 2), f"{c.get('params', params.get('total', 0)):,}",
+                    _fmt((c.get("latency_ms") or {}).get("speedup"), 2)]
+        table.add_row(*row)
     console.print(table)
     bad = [(p, r) for p, r in records if r.get("status") != "ok"]
     for path, r in bad:

@@ -19,6 +19,8 @@ from torch import Tensor
 from dpbench.data.metrics import make_metrics
 from dpbench.data.tasks import TaskSpec
 from dpbench.models.registry import LoadedModel
+from dpbench.errors import ConfigError
+from dpbench.privacy.allocation import AllocationConfig, NoiseAllocation, group_names
 from dpbench.privacy.engine import make_engine
 from dpbench.privacy.optimizer import PrivateOptimizer
 from dpbench.privacy.sampling import microbatch_slices
@@ -44,6 +46,7 @@ class DPConfig:
     engine: str = "bk"
     clipping: str = "flat"
     noise_seed: int = 0
+    allocation: AllocationConfig | None = None  # ANADP: per-group clipping and noise allocation
 
 
 class ClassifierModule(L.LightningModule):
@@ -58,6 +61,15 @@ class ClassifierModule(L.LightningModule):
         self.total_steps = total_steps
         self.engine = make_engine(dp.engine if dp else "none", self.model, dp.clip_norm if dp else None,
                                   dp.clipping if dp else "flat")
+        self.allocation: NoiseAllocation | None = None
+        self.group_names: list[str] = []
+        if dp is not None and dp.allocation is not None:
+            if not hasattr(self.engine, "set_groups"):
+                raise ConfigError("noise allocation (anadp) needs per-group clipping; set privacy.engine=bk")
+            group_of, self.group_names = group_names([n for n, _ in self.engine.named_params], dp.allocation.groups)
+            self.allocation = NoiseAllocation(group_of, [p.numel() for p in self.engine.params],
+                                              dp.noise_multiplier, dp.clip_norm, dp.allocation)
+            self.engine.set_groups(group_of, self.allocation.clip_norms)
         self.val_metrics = make_metrics(spec)
         self.final_metrics: dict[str, float] = {}
         self.automatic_optimization = True
@@ -98,7 +110,8 @@ class ClassifierModule(L.LightningModule):
                                noise_multiplier=self.dp.noise_multiplier if self.dp else None,
                                expected_batch_size=self.dp.expected_batch_size if self.dp else None,
                                generator=generator,
-                               noise_streams=torch.get_num_threads() if self.device.type == "cpu" else 1)
+                               noise_streams=torch.get_num_threads() if self.device.type == "cpu" else 1,
+                               allocation=self.allocation)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -110,6 +123,15 @@ class ClassifierModule(L.LightningModule):
             return 1.0
         remaining = max(self.total_steps - c.warmup_steps, 1)
         return max(0.0, 1.0 - (step - c.warmup_steps) / remaining)
+
+    @property
+    def effective_noise_multiplier(self) -> float | None:
+        """The σ the accountant must see: σ, or under an allocation the smallest σ_eff of any step."""
+        if self.dp is None:
+            return None
+        if self.allocation is not None and self.allocation.sigma_eff_history:
+            return min(self.allocation.sigma_eff_history)
+        return self.dp.noise_multiplier
 
     @property
     def steps_taken(self) -> int:

@@ -1,4 +1,5 @@
-"""Fine-tuning recipes: full (non-private or DP-SGD/DP-Adam) and bias-only (DP-BiTFiT).
+"""Fine-tuning recipes: full (non-private or DP-SGD/DP-Adam), bias-only (DP-BiTFiT) and LoRA adapters
+(DP-LoRA, with peft), each with uniform noise or ANADP's allocation (``method.anadp``).
 
 The recipe only decides which parameters train; the DP step is the shared one in ``base.py``.
 """
@@ -11,25 +12,54 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dpbench.errors import ConfigError
-from dpbench.models.registry import load_model
+from dpbench.models.registry import LoadedModel, load_model
 from dpbench.pipeline import load_task, make_record, plan_privacy, privacy_record, train_classifier
 from dpbench.results.schema import RunRecord
 
 HEAD_PREFIXES = ("classifier", "score", "pre_classifier")  # BERT/RoBERTa/DistilBERT, GPT-2/Llama
-TRAINABLE_MODES = ("full", "bitfit")
+TRAINABLE_MODES = ("full", "bitfit", "lora")
+LORA_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+                "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}  # Hu et al. / Yu et al.: W_q and W_v
 
 
 def is_head(name: str) -> bool:
-    return name.split(".")[0] in HEAD_PREFIXES
+    return name.removeprefix("base_model.model.").split(".")[0] in HEAD_PREFIXES
+
+
+def apply_lora(lm: LoadedModel, lora: DictConfig | None) -> None:
+    """Wrap ``lm.model`` with peft LoRA adapters (rank r, scale alpha/r) on the family's attention
+    projections; adapters and the task head train, everything else is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = lora or {}
+    targets = list(lora.get("target_modules") or LORA_TARGETS[lm.family])
+    config = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=float(lora.get("alpha", 16)),
+                        lora_dropout=float(lora.get("dropout", 0.0)), target_modules=targets, bias="none",
+                        fan_in_fan_out=lm.family == "gpt2")
+    lm.model = get_peft_model(lm.model, config)
+    for name, p in lm.model.named_parameters():
+        if is_head(name):
+            p.requires_grad_(True)
 
 
 def select_trainable(model: nn.Module, mode: str) -> None:
     """``full``: every parameter. ``bitfit``: every bias plus the classification head
-    (Bu et al.'s DP-BiTFiT keeps the task head trainable)."""
-    if mode not in TRAINABLE_MODES:
-        raise ConfigError(f"unknown method.trainable '{mode}'; choose one of: {', '.join(TRAINABLE_MODES)}")
+    (Bu et al.'s DP-BiTFiT keeps the task head trainable). (``lora`` is :func:`apply_lora`.)"""
+    if mode not in TRAINABLE_MODES or mode == "lora":
+        raise ConfigError(f"unknown method.trainable '{mode}'; choose one of: full, bitfit")
     for name, p in model.named_parameters():
         p.requires_grad_(mode == "full" or name.endswith("bias") or is_head(name))
+
+
+def set_trainable(lm: LoadedModel, method: DictConfig) -> None:
+    """The method's trainable parameter set: full, bitfit or lora (``method.lora``)."""
+    mode = method.trainable
+    if mode not in TRAINABLE_MODES:
+        raise ConfigError(f"unknown method.trainable '{mode}'; choose one of: {', '.join(TRAINABLE_MODES)}")
+    if mode == "lora":
+        apply_lora(lm, method.get("lora"))
+    else:
+        select_trainable(lm.model, mode)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
@@ -39,10 +69,15 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     private = bool(cfg.method.private)
     plan = plan_privacy(cfg, len(train), private=private)
     lm = load_model(cfg.model, spec.num_labels)
-    select_trainable(lm.model, cfg.method.trainable)
+    set_trainable(lm, cfg.method)
     result = train_classifier(cfg, lm, spec, train, dev, plan, out_dir, seed=int(cfg.seed))
     stages = [result.stage] if result.stage else []
     record = privacy_record(stages, plan.delta, plan.target_epsilon, plan.clip_norm)
+    extra = {"data": {"train_examples": len(train), "dev_examples": len(dev)}}
+    alloc = result.module.allocation
+    if alloc is not None:
+        extra["anadp"] = {"groups": result.module.group_names, "clip_norms": alloc.clip_norms.tolist(),
+                          "final_noise_multipliers": alloc.noise_multipliers().tolist(),
+                          "sigma_eff": [min(alloc.sigma_eff_history), max(alloc.sigma_eff_history)]}
     return make_record(cfg, metrics=result.metrics, privacy=record, params=lm.num_params(),
-                       train_s=result.train_s, steps=result.steps,
-                       extra={"data": {"train_examples": len(train), "dev_examples": len(dev)}})
+                       train_s=result.train_s, steps=result.steps, extra=extra)

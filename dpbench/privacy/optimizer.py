@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from dpbench.privacy.allocation import NoiseAllocation
 from dpbench.privacy.engine.base import GradientEngine
 
 
@@ -42,6 +43,7 @@ class PrivateOptimizer(Optimizer):
         expected_batch_size: float | None,
         generator: torch.Generator | None = None,
         noise_streams: int = 1,
+        allocation: NoiseAllocation | None = None,
     ) -> None:
         private = noise_multiplier is not None
         if private and (expected_batch_size is None or expected_batch_size <= 0):
@@ -50,6 +52,7 @@ class PrivateOptimizer(Optimizer):
         self.engine = engine
         self.noise_multiplier = noise_multiplier
         self.expected_batch_size = expected_batch_size
+        self.allocation = allocation  # ANADP: per-group σₖCₖ, updated from each release
         self.steps = 0
         self.last_batch_size = 0
         self._streams = self._make_streams(generator, noise_streams) if private else []
@@ -116,6 +119,8 @@ class PrivateOptimizer(Optimizer):
         else:  # the noise N(0, σ²C²) is already in the sums: the engine's start_sums drew it
             for s in sums:
                 s.div_(self.expected_batch_size)
+            if self.allocation is not None:  # post-processing of the release: the next step's allocation
+                self.allocation.observe(self.engine.params, sums)
         for p, s in zip(self.engine.params, sums):
             p.grad = s
         self.optimizer.step()
@@ -124,17 +129,20 @@ class PrivateOptimizer(Optimizer):
         return loss
 
     def _fill_noise(self, sums: list[Tensor]) -> None:
-        """sums[i] ← N(0, σ²C²) in place (a logical batch opens), each stream drawing its own parameters."""
-        std = float(self.noise_multiplier or 0.0) * float(self.engine.clip_norm or 0.0)
-        if std <= 0:
-            for s in sums:
-                s.zero_()
-            return
+        """sums[i] ← N(0, σ²C²) in place (a logical batch opens; σₖCₖ of its group under an
+        allocation), each stream drawing its own parameters."""
+        if self.allocation is not None:
+            stds = self.allocation.param_noise_stds()
+        else:
+            stds = [float(self.noise_multiplier or 0.0) * float(self.engine.clip_norm or 0.0)] * len(sums)
 
         def draw(stream: tuple[torch.Generator | None, list[int]]) -> None:
             generator, indices = stream
             for i in indices:
-                sums[i].normal_(0.0, std, generator=generator)
+                if stds[i] > 0:
+                    sums[i].normal_(0.0, stds[i], generator=generator)
+                else:
+                    sums[i].zero_()
 
         if self._pool is None:
             draw(self._streams[0])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +71,8 @@ class BookkeepingEngine(GradientEngine):
                 owners[id(getattr(module, n))].append((module, n))
         self._owners = owners
         index = {id(p): i for i, p in enumerate(self.params)}
+        self._group: dict[int, int] = {id(p): 0 for p in self.params}  # one clipping group unless set_groups
+        self._group_clip: Tensor | None = None
         self._masked = [(index[id(m.weight_orig)], m) for m, names in self._names.items() if "weight_orig" in names]
         self._calls: dict[nn.Module, list[list]] = defaultdict(list)  # module → [[a, g], ...]
         self._hidden = False
@@ -120,35 +122,51 @@ class BookkeepingEngine(GradientEngine):
         batch = per_sample_losses.shape[0]
         shared = {pid for pid, own in self._owners.items()
                   if len(own) > 1 or len(calls.get(own[0][0], [])) > 1}
-        norms_sq = torch.zeros(batch, dtype=self.params[0].dtype, device=per_sample_losses.device)
+        groups = max(self._group.values()) + 1
+        norms_sq = torch.zeros(batch, groups, dtype=self.params[0].dtype, device=per_sample_losses.device)
         shared_grads: dict[int, Tensor] = {}
         memo: dict = {}
         for module, recs in calls.items():
             rule, names = self._rules[module], self._names[module]
             for a, g in recs:
                 for name, v in rule.norms_sq(module, names, a, g, memo).items():
-                    if id(getattr(module, name)) not in shared:
-                        norms_sq += v
+                    pid = id(getattr(module, name))
+                    if pid not in shared:
+                        norms_sq[:, self._group[pid]] += v
                 if any(id(getattr(module, n)) in shared for n in names):
                     for name, v in rule.per_sample_grads(module, names, a, g).items():
                         pid = id(getattr(module, name))
                         if pid in shared:
                             shared_grads[pid] = shared_grads[pid] + v if pid in shared_grads else v
-        for v in shared_grads.values():
-            norms_sq += v.flatten(1).pow(2).sum(1)
-        norms = norms_sq.clamp(min=0).sqrt()
-        c = clip_factors(norms, self.clip_norm, self.clipping)
+        for pid, v in shared_grads.items():
+            norms_sq[:, self._group[pid]] += v.flatten(1).pow(2).sum(1)
+        clip = float(self.clip_norm) if self._group_clip is None else self._group_clip.to(norms_sq)
+        c = clip_factors(norms_sq.clamp(min=0).sqrt(), clip, self.clipping)  # (B, groups)
 
         memo.clear()  # Gram matrices are not needed any more; scaled inputs depend on c
         acc = {id(p): s for p, s in zip(self.params, sums)}
         for pid, v in shared_grads.items():
-            acc[pid].add_((v * c.view(-1, *[1] * (v.ndim - 1)).to(v.dtype)).sum(0))
+            cg = c[:, self._group[pid]]
+            acc[pid].add_((v * cg.view(-1, *[1] * (v.ndim - 1)).to(v.dtype)).sum(0))
         for module, recs in calls.items():
             rule, names = self._rules[module], self._names[module]
             out = {n: acc[id(getattr(module, n))] for n in names if id(getattr(module, n)) not in shared}
+            cg = c[:, self._module_group(module)]
             for a, g in recs:
-                rule.add_clipped(module, names, a, g, c, out, memo)
-        return norms
+                rule.add_clipped(module, names, a, g, cg, out, memo)
+        return norms_sq.sum(1).clamp(min=0).sqrt()
+
+    def set_groups(self, group_of: Sequence[int], clip_norms: Tensor) -> None:
+        """Clip per group (ANADP): the part of each per-sample gradient in group ``group_of[i]`` (of
+        parameter i) is clipped to ``clip_norms[group]`` on its own. A module's parameters share a group."""
+        self._group = {id(p): int(g) for p, g in zip(self.params, group_of)}
+        for module, names in self._names.items():
+            if len({self._group[id(getattr(module, n))] for n in names}) > 1:
+                raise PrivacyError(f"the parameters of one {type(module).__name__} must share a clipping group")
+        self._group_clip = torch.as_tensor(clip_norms)
+
+    def _module_group(self, module: nn.Module) -> int:
+        return self._group[id(getattr(module, next(iter(self._names[module]))))]
 
     def release(self) -> list[Tensor]:
         """The sums, with pruned coordinates (``torch.nn.utils.prune`` masks) zeroed: no gradient and
