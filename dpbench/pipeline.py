@@ -22,7 +22,7 @@ from dpbench.data.glue import load_glue
 from dpbench.data.synthetic import make_synthetic
 from dpbench.data.tasks import TaskSpec, get_task_spec
 from dpbench.errors import ConfigError, DataError
-from dpbench.methods.base import ClassifierModule, DPConfig, OptimConfig
+from dpbench.methods.base import ClassifierModule, DPConfig, DPModule, OptimConfig
 from dpbench.models.registry import LoadedModel
 from dpbench.privacy.accounting import Stage, calibrate_noise, compute_epsilon, default_delta
 from dpbench.privacy.allocation import AllocationConfig
@@ -152,7 +152,7 @@ class StageResult:
     stage: Stage | None             # None for non-private stages
     train_s: float
     steps: int
-    module: ClassifierModule = field(repr=False)
+    module: DPModule = field(repr=False)
 
 
 def make_sampler(plan: PrivacyPlan, n: int, seed: int):
@@ -194,6 +194,16 @@ def make_logger(cfg: DictConfig, out_dir: Path, stage: str):
     raise ConfigError(f"unknown logger '{name}'; use logger=csv or logger=wandb")
 
 
+def dp_config(cfg: DictConfig, plan: PrivacyPlan, seed: int) -> DPConfig | None:
+    """What the training step needs from the plan (None for a non-private stage)."""
+    if not plan.private:
+        return None
+    p = cfg.privacy
+    return DPConfig(noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
+                    expected_batch_size=plan.batch_size, engine=p.get("engine", "bk"),
+                    clipping=p.get("clipping", "flat"), noise_seed=seed + 1, allocation=allocation_config(cfg.method))
+
+
 def train_classifier(cfg: DictConfig, lm: LoadedModel, spec: TaskSpec, train: TextClassificationData,
                      dev: TextClassificationData, plan: PrivacyPlan, out_dir: Path, *,
                      stage_name: str = "train", seed: int = 0,
@@ -202,16 +212,17 @@ def train_classifier(cfg: DictConfig, lm: LoadedModel, spec: TaskSpec, train: Te
 
     ``module_factory`` builds the Lightning module (a subclass with another per-sample loss, e.g.
     distillation, keeps the same DP step)."""
-    p = cfg.privacy
-    dp = None
-    if plan.private:
-        dp = DPConfig(noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
-                      expected_batch_size=plan.batch_size, engine=p.get("engine", "bk"),
-                      clipping=p.get("clipping", "flat"), noise_seed=seed + 1,
-                      allocation=allocation_config(cfg.method))
-    module = module_factory(lm, spec, optim_config(cfg.method), dp, int(p.physical_batch_size), plan.steps)
+    module = module_factory(lm, spec, optim_config(cfg.method), dp_config(cfg, plan, seed),
+                            int(cfg.privacy.physical_batch_size), plan.steps)
     data = TextDataModule(train, dev, lm.tokenizer, int(cfg.task.max_length), make_sampler(plan, len(train), seed),
                           eval_batch_size=int(cfg.trainer.get("eval_batch_size", 64)))
+    return run_stage(cfg, module, data, plan, out_dir, stage_name)
+
+
+def run_stage(cfg: DictConfig, module: DPModule, data: L.LightningDataModule, plan: PrivacyPlan, out_dir: Path,
+              stage_name: str) -> StageResult:
+    """Fit ``module`` for the plan's steps (one pass of the logical-batch sampler), then validate; the
+    stage is recorded only when exactly the planned number of noised steps ran."""
     t = cfg.trainer
     trainer = L.Trainer(
         accelerator=t.get("accelerator", "cpu"), devices=t.get("devices", 1), precision=t.get("precision", "32-true"),

@@ -164,12 +164,27 @@ def every_other_layer(n: int) -> list[int]:
     return list(range(0, n, 2))
 
 
-def drop_layers(model: nn.Module, keep: Sequence[int]) -> None:
-    """Keep only encoder layers ``keep`` (in that order) and update ``config.num_hidden_layers``.
+_LAYER_LISTS = (("encoder", "layer"), ("", "h"), ("", "layers"))  # BERT/RoBERTa, GPT-2, Llama
 
-    Kept layers' ``layer_idx`` attributes (used only by KV caches, i.e. decoders) are renumbered.
+
+def transformer_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(parent, attribute, layers) of the model's stack of transformer blocks (encoder or decoder)."""
+    base = getattr(model, "base_model", model)
+    for sub, attr in _LAYER_LISTS:
+        parent = getattr(base, sub, None) if sub else base
+        layers = getattr(parent, attr, None) if parent is not None else None
+        if isinstance(layers, nn.ModuleList):
+            return parent, attr, layers
+    raise ConfigError(f"cannot find the transformer layers of {type(model).__name__}; "
+                      "layer dropping supports BERT, RoBERTa, GPT-2 and Llama models")
+
+
+def drop_layers(model: nn.Module, keep: Sequence[int]) -> None:
+    """Keep only transformer layers ``keep`` (in that order) and update the config's layer count.
+
+    Kept layers' ``layer_idx`` attributes (used by decoders' KV caches) are renumbered.
     """
-    layers = encoder_layers(model)
+    parent, attr, layers = transformer_layers(model)
     idx = [int(i) for i in keep]
     if not idx or len(set(idx)) != len(idx) or not all(0 <= i < len(layers) for i in idx):
         raise ValueError(f"layers to keep must be one or more distinct indices in [0, {len(layers)}), "
@@ -179,5 +194,8 @@ def drop_layers(model: nn.Module, keep: Sequence[int]) -> None:
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
-    model.base_model.encoder.layer = nn.ModuleList(kept)
-    model.config.num_hidden_layers = len(kept)
+    setattr(parent, attr, nn.ModuleList(kept))
+    config = model.config
+    config.num_hidden_layers = len(kept)  # an alias of n_layer on GPT-2's config
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in idx]

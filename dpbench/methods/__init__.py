@@ -10,7 +10,7 @@ from dpbench.errors import ConfigError
 from dpbench.results.schema import RunRecord
 
 Runner = Callable[[DictConfig, Path], RunRecord]
-KINDS = ("finetune", "prune", "distill")
+KINDS = ("finetune", "prune", "distill", "distildp")
 
 
 def get_runner(kind: str) -> Runner:
@@ -21,6 +21,8 @@ def get_runner(kind: str) -> Runner:
         from dpbench.methods.compress import run
     elif kind == "distill":
         from dpbench.methods.distill import run
+    elif kind == "distildp":
+        from dpbench.methods.distildp import run
     else:
         raise ConfigError(f"unknown method.kind '{kind}'; choose one of: {', '.join(KINDS)}")
     return run

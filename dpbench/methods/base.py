@@ -49,13 +49,14 @@ class DPConfig:
     allocation: AllocationConfig | None = None  # ANADP: per-group clipping and noise allocation
 
 
-class ClassifierModule(L.LightningModule):
-    """Fine-tunes ``lm.model``'s trainable parameters on a classification task."""
+class DPModule(L.LightningModule):
+    """The DP training step for ``lm.model``'s trainable parameters; subclasses give the per-sample
+    loss and the evaluation."""
 
-    def __init__(self, lm: LoadedModel, spec: TaskSpec, optim: OptimConfig, dp: DPConfig | None,
+    def __init__(self, lm: LoadedModel, optim: OptimConfig, dp: DPConfig | None,
                  physical_batch_size: int, total_steps: int) -> None:
         super().__init__()
-        self.lm, self.spec, self.optim_cfg, self.dp = lm, spec, optim, dp
+        self.lm, self.optim_cfg, self.dp = lm, optim, dp
         self.model = lm.model
         self.physical_batch_size = physical_batch_size
         self.total_steps = total_steps
@@ -70,14 +71,13 @@ class ClassifierModule(L.LightningModule):
             self.allocation = NoiseAllocation(group_of, [p.numel() for p in self.engine.params],
                                               dp.noise_multiplier, dp.clip_norm, dp.allocation)
             self.engine.set_groups(group_of, self.allocation.clip_norms)
-        self.val_metrics = make_metrics(spec)
         self.final_metrics: dict[str, float] = {}
         self.automatic_optimization = True
 
     # -- training ------------------------------------------------------------------------------
     def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        logits = self.engine.module(**self.lm.inputs(batch)).logits
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        """One loss per example, shape (B,), computed through ``self.engine.module``."""
+        raise NotImplementedError
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         n = batch["labels"].shape[0]
@@ -137,6 +137,21 @@ class ClassifierModule(L.LightningModule):
     def steps_taken(self) -> int:
         """Noised optimizer steps actually run (what the accountant must see)."""
         return self.trainer.optimizers[0].steps if self._trainer is not None and self.trainer.optimizers else 0
+
+
+
+class ClassifierModule(DPModule):
+    """Fine-tunes ``lm.model``'s trainable parameters on a classification task."""
+
+    def __init__(self, lm: LoadedModel, spec: TaskSpec, optim: OptimConfig, dp: DPConfig | None,
+                 physical_batch_size: int, total_steps: int) -> None:
+        super().__init__(lm, optim, dp, physical_batch_size, total_steps)
+        self.spec = spec
+        self.val_metrics = make_metrics(spec)
+
+    def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        logits = self.engine.module(**self.lm.inputs(batch)).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
 
     # -- evaluation ----------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -7,7 +7,8 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          PreTrainedTokenizerBase)
 
 from dpbench.errors import ConfigError
 from dpbench.models.tokenizers import load_tokenizer, resolve_source
@@ -54,24 +55,37 @@ def _set_dropout(config: Any, p: float) -> None:
 def load_model(cfg: Mapping[str, Any], num_labels: int) -> LoadedModel:
     """Load the model described by ``cfg`` (a ``conf/model/*.yaml`` node) with a fresh
     ``num_labels``-way classification head."""
+    return _load(cfg, AutoModelForSequenceClassification, num_labels=num_labels)
+
+
+def load_causal_lm(cfg: Mapping[str, Any]) -> LoadedModel:
+    """Load ``cfg`` as a causal language model (its LM head), e.g. SmolLM2 from a GGUF file
+    (``model.gguf_file``, dequantised to float32 by transformers)."""
+    return _load(cfg, AutoModelForCausalLM)
+
+
+def _load(cfg: Mapping[str, Any], auto_cls: Any, **config_kwargs: Any) -> LoadedModel:
     family = cfg.get("family")
     if family not in FAMILIES:
         raise ConfigError(f"model.family '{family}' is not supported; choose one of: {', '.join(FAMILIES)}")
     pretrained = cfg.get("pretrained")
+    gguf = cfg.get("gguf_file")
     tokenizer_source = cfg.get("tokenizer") or pretrained
     if tokenizer_source is None:
         raise ConfigError(f"model '{cfg.get('name')}' has neither model.pretrained nor model.tokenizer; set one")
-    tokenizer = load_tokenizer(tokenizer_source, cfg.get("tokenizer_kind", "auto"))
+    tokenizer = load_tokenizer(tokenizer_source, cfg.get("tokenizer_kind", "auto"),
+                               gguf if tokenizer_source == pretrained else None)
 
     overrides = dict(cfg.get("config") or {})
+    file_kwargs = {"gguf_file": gguf} if gguf else {}
     if pretrained is None:  # random init from a config: tests and smoke runs
         overrides.setdefault("vocab_size", len(tokenizer))
         overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
-        config = AutoConfig.for_model(family, num_labels=num_labels, **overrides)
+        config = AutoConfig.for_model(family, **config_kwargs, **overrides)
     else:
         source = resolve_source(pretrained)
         try:
-            config = AutoConfig.from_pretrained(source, num_labels=num_labels, **overrides)
+            config = AutoConfig.from_pretrained(source, **file_kwargs, **config_kwargs, **overrides)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load model '{pretrained}' ({type(e).__name__}); give a local folder, "
                               "an installed pkg:// source, or a hub name with network") from None
@@ -84,7 +98,7 @@ def load_model(cfg: Mapping[str, Any], num_labels: int) -> LoadedModel:
     if seed is not None:
         torch.manual_seed(int(seed))
     if pretrained is None:
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = auto_cls.from_config(config)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(source, config=config)
+        model = auto_cls.from_pretrained(source, config=config, dtype=torch.float32, **file_kwargs)
     return LoadedModel(name=str(cfg.get("name")), family=family, model=model, tokenizer=tokenizer)

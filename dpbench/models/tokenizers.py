@@ -61,12 +61,13 @@ def roberta_bpe(folder: str) -> PreTrainedTokenizerBase:
 BUILDERS = {"gpt2_bpe": gpt2_bpe, "roberta_bpe": roberta_bpe}
 
 
-def load_tokenizer(source: str, kind: str = "auto") -> PreTrainedTokenizerBase:
-    """Load a tokenizer; ``kind`` 'auto' uses ``AutoTokenizer``, else one of :data:`BUILDERS`."""
+def load_tokenizer(source: str, kind: str = "auto", gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; ``kind`` 'auto' uses ``AutoTokenizer`` (from a GGUF file when given), else one
+    of :data:`BUILDERS`."""
     path = resolve_source(source)
     if kind == "auto":
         try:
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot load tokenizer '{source}' ({type(e).__name__}); "
                               "give a local folder, an installed pkg:// source, or a hub name with network") from None

@@ -286,6 +286,27 @@ def test_gpt2_is_refused_with_a_config_error():
     config = transformers.GPT2Config(vocab_size=100, n_embd=16, n_layer=2, n_head=2, n_positions=32,
                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = transformers.GPT2ForSequenceClassification(config)
-    for call in (lambda: structured_prune(model, 0.5), lambda: structure(model), lambda: drop_layers(model, [0])):
+    for call in (lambda: structured_prune(model, 0.5), lambda: structure(model)):
         with pytest.raises(ConfigError, match="unstructured method for gpt2"):
             call()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoder_layers_can_be_dropped_and_still_generate(family: str) -> None:
+    """Layer dropping also builds decoder students (DistilDP): layer_idx renumbered, cache generation works."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=4, n_head=2,
+                                                                     n_positions=32))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=32))
+    kept = [model.base_model.h[i] if family == "gpt2" else model.base_model.layers[i] for i in (0, 2)]
+    drop_layers(model, every_other_layer(4))
+    layers = model.base_model.h if family == "gpt2" else model.base_model.layers
+    assert list(layers) == kept and model.config.num_hidden_layers == 2
+    idx = [m.layer_idx for layer in layers for m in layer.modules() if hasattr(m, "layer_idx")]
+    assert idx and set(idx) == {0, 1}
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 7)

@@ -1,0 +1,32 @@
+"""DistilDP and its baselines end to end on the smoke preset: ``ok`` records, only the private-data
+stages in ``privacy.stages``, and ε ≤ 2 equal to the accountant's composition of those stages."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpbench.privacy.accounting import Stage, compute_epsilon
+from test_cli_runs import dpbench, read
+
+STAGES = {"distildp": ["teacher"], "distildp_synthetic_only": ["teacher"], "dp_lm_student": ["student"],
+          "dpkd_lm": ["teacher", "student"]}
+
+
+@pytest.mark.parametrize("method", sorted(STAGES))
+def test_distildp_pipelines_write_ok_records(method: str, tmp_path: Path) -> None:
+    out = tmp_path / method
+    proc = dpbench("experiment=distildp_smoke", f"method={method}", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = read(out)
+    p = r["privacy"]
+    assert r["status"] == "ok" and [s["name"] for s in p["stages"]] == STAGES[method]
+    stages = [Stage(s["name"], s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in p["stages"]]
+    assert p["epsilon"] == pytest.approx(compute_epsilon(stages, p["delta"]).upper, rel=1e-9) and p["epsilon"] <= 2.0
+    assert r["metrics"]["student_perplexity"] > 1
+    if method != "dp_lm_student":
+        assert r["metrics"]["teacher_perplexity"] > 1
+    if method.startswith("distildp"):
+        assert (out / "samples.txt").exists() and r["generation"]["num_samples"] == 32
+        assert r["distillation"]["lam"] == (0.0 if method.endswith("only") else 0.4)
+    assert r["distillation"]["student_layers"] == 2
