@@ -32,13 +32,21 @@ class TextClassificationData:
 
         ``n`` None or >= len(self) returns ``self`` unchanged.
         """
-        if n is None or n >= len(self):
+        idx = subset_indices(len(self), n, seed)
+        if idx is None:
             return self
-        if n < 1:
-            raise ConfigError(f"subset size must be >= 1 (got {n}); use null for the full dataset")
-        idx = sorted(random.Random(seed).sample(range(len(self)), n))
         return TextClassificationData(
             text_a=[self.text_a[i] for i in idx],
             text_b=None if self.text_b is None else [self.text_b[i] for i in idx],
             labels=[self.labels[i] for i in idx],
         )
+
+
+def subset_indices(size: int, n: int | None, seed: int) -> list[int] | None:
+    """Sorted indices of a seeded random subset of ``n`` of ``size`` items; None when ``n`` is None or
+    covers everything (the caller keeps the whole set)."""
+    if n is None or n >= size:
+        return None
+    if n < 1:
+        raise ConfigError(f"subset size must be >= 1 (got {n}); use null for the full dataset")
+    return sorted(random.Random(seed).sample(range(size), n))

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from dpbench.data.examples import subset_indices
 from dpbench.errors import ConfigError, DataError
 
 CODE_SEPARATOR = "\n\n"
@@ -65,11 +66,9 @@ class ControlledCorpus:
 
         ``n`` None or >= len(self) returns ``self`` unchanged.
         """
-        if n is None or n >= len(self):
+        idx = subset_indices(len(self), n, seed)
+        if idx is None:
             return self
-        if n < 1:
-            raise ConfigError(f"subset size must be >= 1 (got {n}); use null for the full dataset")
-        idx = sorted(random.Random(seed).sample(range(len(self)), n))
         return ControlledCorpus([self.codes[i] for i in idx], [self.texts[i] for i in idx])
 
 

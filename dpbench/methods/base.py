@@ -1,4 +1,6 @@
-"""The Lightning module every classification method trains with; the DP step lives here once.
+"""The Lightning modules every method trains with; the DP step lives here once (:class:`DPModule`),
+and subclasses only give a per-sample loss and an evaluation (classification here; causal LMs in
+``language_model.py``).
 
 A training step receives one logical batch, splits it into physical micro-batches, and hands each
 micro-batch's per-sample losses to the gradient engine (which clips and sums). Lightning then calls
