@@ -134,7 +134,10 @@ def plan_stages(cfg: DictConfig, n: int, fractions: Sequence[float], *, private:
     total = plan_privacy(cfg, n, private=False).steps
     steps = split_steps(total, fractions)
     target = cfg.privacy.get("epsilon")
-    if budget_split is not None and private and target is not None and cfg.privacy.get("noise_multiplier") is None:
+    if budget_split is not None and private and cfg.privacy.get("noise_multiplier") is not None:
+        raise ConfigError("method.budget_split needs a calibrated σ; set privacy.noise_multiplier=null "
+                          "or method.budget_split=null (equal σ in both stages)")
+    if budget_split is not None and private and target is not None:
         if len(steps) != 2 or not 0 < budget_split < 1:
             raise ConfigError(f"method.budget_split={budget_split} needs exactly two stages and a value in (0, 1)")
         first = plan_privacy(cfg, n, private=True, target_epsilon=budget_split * float(target), steps=steps[0])

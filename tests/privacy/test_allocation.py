@@ -44,18 +44,22 @@ def test_group_names_by_module_and_block() -> None:
     assert group == [0, 1, 1, 1, 2, 2] and labels[1] == "bert.encoder.layer.0"
 
 
-def _grouped_engine(lm, clip: float):
+def _grouped_engine(lm, clip: float, granularity: str = "block"):
     engine = make_engine("bk", lm.model, clip)
-    group_of, _ = group_names([n for n, _ in engine.named_params], "block")
+    group_of, _ = group_names([n for n, _ in engine.named_params], granularity)
     alloc = NoiseAllocation(group_of, [p.numel() for p in engine.params], 1.0, clip, AllocationConfig(clip_split="size"))
     engine.set_groups(group_of, alloc.clip_norms)
     return engine, group_of, alloc
 
 
-def test_per_group_clipping_matches_naive_loop() -> None:
-    lm = tiny_model("bert")
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("granularity", ["block", "module"])
+def test_per_group_clipping_matches_naive_loop(family: str, granularity: str) -> None:
+    """``module`` puts q, k and v (which read the same input) in different groups: each must be
+    scaled by its own group's factors (a shared scaled input would break the per-group bound)."""
+    lm = tiny_model(family)
     batch = tiny_batch(lm, TEXTS)
-    engine, group_of, alloc = _grouped_engine(lm, clip=0.05)  # small: most groups of most examples clip
+    engine, group_of, alloc = _grouped_engine(lm, 0.05, granularity)  # small: most groups of most examples clip
     loss = lambda m, b: F.cross_entropy(m(**lm.inputs(b)).logits, b["labels"], reduction="none")
     engine.accumulate(loss(engine.module, batch))
     got = [s.clone() for s in engine.release()]

@@ -144,14 +144,15 @@ class BookkeepingEngine(GradientEngine):
         c = clip_factors(norms_sq.clamp(min=0).sqrt(), clip, self.clipping)  # (B, groups)
 
         memo.clear()  # Gram matrices are not needed any more; scaled inputs depend on c
+        per_group = [c[:, k].contiguous() for k in range(groups)]  # one factor tensor per clipping group
         acc = {id(p): s for p, s in zip(self.params, sums)}
         for pid, v in shared_grads.items():
-            cg = c[:, self._group[pid]]
+            cg = per_group[self._group[pid]]
             acc[pid].add_((v * cg.view(-1, *[1] * (v.ndim - 1)).to(v.dtype)).sum(0))
         for module, recs in calls.items():
             rule, names = self._rules[module], self._names[module]
             out = {n: acc[id(getattr(module, n))] for n in names if id(getattr(module, n)) not in shared}
-            cg = c[:, self._module_group(module)]
+            cg = per_group[self._module_group(module)]
             for a, g in recs:
                 rule.add_clipped(module, names, a, g, cg, out, memo)
         return norms_sq.sum(1).clamp(min=0).sqrt()

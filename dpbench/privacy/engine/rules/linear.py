@@ -18,14 +18,15 @@ from transformers.pytorch_utils import Conv1D
 from dpbench.privacy.engine.rules import LayerRule, as_3d, register
 
 
-def _memoised(memo: dict | None, kind: str, x: Tensor, make) -> Tensor:
-    """``make()`` once per (kind, tensor storage and layout) within one micro-batch's ``memo``."""
+def _memoised(memo: dict | None, key: tuple, x: Tensor, make) -> Tensor:
+    """``make()`` once per (key, tensor storage and layout) within one micro-batch's ``memo``. The
+    memo holds ``x`` itself, so its address cannot be reused by another tensor while the memo lives."""
     if memo is None:
         return make()
-    key = (kind, x.data_ptr(), tuple(x.shape), x.stride())
-    if key not in memo:
-        memo[key] = make()
-    return memo[key]
+    full = (*key, x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+    if full not in memo:
+        memo[full] = (x, make())
+    return memo[full][1]
 
 
 def weight_norms_sq(a: Tensor, g: Tensor, memo: dict | None = None) -> Tensor:
@@ -34,7 +35,7 @@ def weight_norms_sq(a: Tensor, g: Tensor, memo: dict | None = None) -> Tensor:
     if t == 1:
         return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
     if t * (d + p) < d * p:  # ghost norm; AAᵀ is shared by layers reading the same input (q, k, v)
-        aat = _memoised(memo, "gram", a, lambda: torch.bmm(a, a.transpose(1, 2)))
+        aat = _memoised(memo, ("gram",), a, lambda: torch.bmm(a, a.transpose(1, 2)))
         return (aat * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
     return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
 
@@ -51,10 +52,11 @@ def masked_weight_norms_sq(a: Tensor, g: Tensor, mask: Tensor, max_elems: int = 
 def add_weighted_gt_a(out: Tensor, a: Tensor, g: Tensor, c: Tensor, transpose: bool, memo: dict | None = None) -> None:
     """out += Σᵢ cᵢ Gᵢᵀ Aᵢ (a (p, d) matrix; its transpose for ``transpose``), one matmul in place.
 
-    cᵢ scales the narrower of A and G (a scaled input is shared by layers reading the same input)."""
+    cᵢ scales the narrower of A and G (a scaled input is shared by layers reading the same input
+    with the same factors ``c``, which must stay alive while ``memo`` does)."""
     cc = c.view(-1, 1, 1)
-    if a.shape[-1] <= g.shape[-1]:
-        a = _memoised(memo, "scaled", a, lambda: a * cc.to(a.dtype))
+    if a.shape[-1] <= g.shape[-1]:  # keyed by the factors too: clipping groups scale differently
+        a = _memoised(memo, ("scaled", c.data_ptr(), c.stride()), a, lambda: a * cc.to(a.dtype))
     else:
         g = g * cc.to(g.dtype)
     a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
