@@ -15,6 +15,7 @@ layer's CURRENT heads / neurons (0 .. current count - 1).
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
@@ -199,3 +200,12 @@ def drop_layers(model: nn.Module, keep: Sequence[int]) -> None:
     config.num_hidden_layers = len(kept)  # an alias of n_layer on GPT-2's config
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = [config.layer_types[i] for i in idx]
+
+
+def copy_with_layers(model: nn.Module, keep: Sequence[int] | None = None) -> nn.Module:
+    """A deep copy of ``model`` keeping transformer layers ``keep`` (None → every other layer):
+    the usual student initialisation, with the teacher's tokenizer and width."""
+    student = copy.deepcopy(model)
+    n = len(transformer_layers(student)[2])
+    drop_layers(student, list(keep) if keep is not None else every_other_layer(n))
+    return student

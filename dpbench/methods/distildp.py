@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from dpbench.compression.structured import drop_layers, every_other_layer, transformer_layers
+from dpbench.compression.structured import copy_with_layers, transformer_layers
 from dpbench.data.generation import (ControlledCorpus, load_yelp, make_synthetic_corpus, prompt_ids,
                                      public_codes)
 from dpbench.data.perplexity import perplexity
@@ -106,10 +106,7 @@ def generate_synthetic(lm: LoadedModel, codes: list[str], g: DictConfig, seed: i
 
 def build_student(teacher: LoadedModel, s: DictConfig) -> LoadedModel:
     """A copy of ``teacher`` keeping ``s.layers`` (null → every other layer): same tokenizer and width."""
-    model = copy.deepcopy(teacher.model)
-    n = len(transformer_layers(model)[2])
-    drop_layers(model, list(s.layers) if s.get("layers") is not None else every_other_layer(n))
-    return replace(teacher, model=model)
+    return replace(teacher, model=copy_with_layers(teacher.model, s.get("layers")))
 
 
 def run(cfg: DictConfig, out_dir: Path) -> RunRecord:

@@ -11,7 +11,6 @@ alone for ``budget_split``·ε and the second so that the composition meets ε (
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -23,7 +22,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dpbench.compression.report import compression_report
-from dpbench.compression.structured import drop_layers, encoder_layers, every_other_layer, structure, structured_prune
+from dpbench.compression.structured import copy_with_layers, encoder_layers, structure, structured_prune
 from dpbench.errors import ConfigError
 from dpbench.methods.base import ClassifierModule
 from dpbench.methods.finetune import select_trainable
@@ -66,10 +65,7 @@ class DistillModule(ClassifierModule):
 def build_student(teacher: nn.Module, s: DictConfig) -> nn.Module:
     """A copy of the teacher with ``s.layers`` (null → every other layer) and, if ``s.width_sparsity`` > 0,
     that fraction of each layer's heads and FFN neurons removed by magnitude."""
-    student = copy.deepcopy(teacher)
-    n = len(encoder_layers(student))
-    keep = list(s.layers) if s.get("layers") is not None else every_other_layer(n)
-    drop_layers(student, keep)
+    student = copy_with_layers(teacher, s.get("layers"))
     if float(s.get("width_sparsity", 0.0)) > 0:
         structured_prune(student, float(s.width_sparsity))
     return student

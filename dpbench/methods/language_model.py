@@ -56,7 +56,7 @@ class CausalLMModule(DPModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits = self.model(**self.lm.inputs(batch)).logits
-        _, _, mask = _shifted(logits, batch["labels"])
+        mask = batch["labels"][:, 1:] != -100
         self._nll_sum += float((token_nll(logits, batch["labels"]) * mask.sum(1)).sum())
         self._tokens += int(mask.sum())
 

@@ -73,6 +73,7 @@ class BookkeepingEngine(GradientEngine):
         index = {id(p): i for i, p in enumerate(self.params)}
         self._group: dict[int, int] = {id(p): 0 for p in self.params}  # one clipping group unless set_groups
         self._group_clip: Tensor | None = None
+        self._n_groups = 1
         self._masked = [(index[id(m.weight_orig)], m) for m, names in self._names.items() if "weight_orig" in names]
         self._calls: dict[nn.Module, list[list]] = defaultdict(list)  # module → [[a, g], ...]
         self._hidden = False
@@ -122,7 +123,7 @@ class BookkeepingEngine(GradientEngine):
         batch = per_sample_losses.shape[0]
         shared = {pid for pid, own in self._owners.items()
                   if len(own) > 1 or len(calls.get(own[0][0], [])) > 1}
-        groups = max(self._group.values()) + 1
+        groups = self._n_groups
         norms_sq = torch.zeros(batch, groups, dtype=self.params[0].dtype, device=per_sample_losses.device)
         shared_grads: dict[int, Tensor] = {}
         memo: dict = {}
@@ -165,6 +166,7 @@ class BookkeepingEngine(GradientEngine):
             if len({self._group[id(getattr(module, n))] for n in names}) > 1:
                 raise PrivacyError(f"the parameters of one {type(module).__name__} must share a clipping group")
         self._group_clip = torch.as_tensor(clip_norms)
+        self._n_groups = max(self._group.values()) + 1
 
     def _module_group(self, module: nn.Module) -> int:
         return self._group[id(getattr(module, next(iter(self._names[module]))))]
