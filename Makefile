@@ -23,6 +23,7 @@ demo: setup
 	$(BIN)/dpbench -m experiment=quickstart method=dp_full,dp_bitfit privacy.epsilon=2,8 hydra.sweep.dir=$(DEMO_DIR)/dp
 	$(BIN)/dpbench experiment=quickstart method=nonprivate hydra.run.dir=$(DEMO_DIR)/nonprivate
 	$(BIN)/dpbench-leaderboard $(DEMO_DIR)
+	$(BIN)/dpbench-leaderboard $(DEMO_DIR) -o $(DEMO_DIR)/leaderboard.html
 
 test: setup
 	$(BIN)/python -m pytest tests

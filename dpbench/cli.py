@@ -72,6 +72,7 @@ def _run_job(cfg) -> None:
     from dpbench.config import validate
     from dpbench.errors import DPBenchError
     from dpbench.methods import get_runner
+    from dpbench.pipeline import publish_record
     from dpbench.results.io import RESULTS_FILE, write_json_atomic
 
     _quiet()  # again: Hydra has just configured logging for the job
@@ -101,6 +102,7 @@ def _run_job(cfg) -> None:
         _failures.append(message)
         return
     write_json_atomic(results, record.to_dict())
+    publish_record(cfg, record, out_dir)
     eps = record.privacy.epsilon
     privacy = "non-private" if eps is None else f"ε={eps:.3f} (target {record.privacy.target_epsilon})"
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items())

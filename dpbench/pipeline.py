@@ -7,8 +7,9 @@ accountant; every stage that reads private data appears in ``privacy.stages``.
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -184,10 +185,7 @@ def make_logger(cfg: DictConfig, out_dir: Path, stage: str):
     if name == "csv":
         return L.pytorch.loggers.CSVLogger(save_dir=str(out_dir), name="logs", version=stage)
     if name == "wandb":
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError("logger=wandb needs wandb; `pip install dpbench-lm[wandb]` or use logger=csv") from None
+        _wandb_env(cfg)
         return L.pytorch.loggers.WandbLogger(project=cfg.logger.get("project", "dpbench"), save_dir=str(out_dir),
                                              offline=cfg.logger.get("mode", "offline") == "offline",
                                              name=f"{out_dir.name}-{stage}",
@@ -195,6 +193,29 @@ def make_logger(cfg: DictConfig, out_dir: Path, stage: str):
     if name in (None, "none"):
         return False
     raise ConfigError(f"unknown logger '{name}'; use logger=csv or logger=wandb")
+
+
+def _wandb_env(cfg: DictConfig):
+    """wandb, offline unless ``logger.mode=online`` (an explicit WANDB_MODE in the environment wins)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("logger=wandb needs wandb; `pip install dpbench-lm[wandb]` or use logger=csv") from None
+    os.environ.setdefault("WANDB_MODE", str(cfg.logger.get("mode", "offline")))
+    return wandb
+
+
+def publish_record(cfg: DictConfig, record: RunRecord, out_dir: Path) -> None:
+    """With ``logger=wandb``: one summary run holding the config, the final metrics and the privacy record
+    (the per-stage training curves are the Lightning loggers' runs)."""
+    if cfg.logger.get("name") != "wandb":
+        return
+    wandb = _wandb_env(cfg)
+    run = wandb.init(project=cfg.logger.get("project", "dpbench"), dir=str(out_dir), name=f"{out_dir.name}-record",
+                     config=record.config, job_type="record", reinit="finish_previous")
+    run.summary.update({"status": record.status, "metrics": record.metrics, "privacy": asdict(record.privacy),
+                        "params": record.params, "timing": record.timing, "memory": record.memory})
+    run.finish()
 
 
 def dp_config(cfg: DictConfig, plan: PrivacyPlan, seed: int) -> DPConfig | None:

@@ -42,6 +42,26 @@ def test_multirun_template_composes_with_its_sweep(template: str) -> None:
                       return_hydra_config=True)
     validate(cfg)
     params = cfg.hydra.sweeper.params
-    tasks = set(params["task"].split(",")) if "task" in params else {cfg.task.name}
-    assert params and tasks in ({"sst2", "qnli", "mnli", "qqp"}, {"yelp"})
-    assert cfg.task.data_dir.endswith(f"/{cfg.task.name}")
+    assert params and cfg.hydra.sweep.dir.startswith(f"outputs/{template}/")
+    if template.endswith("_table"):  # a paper's table: its tasks from ../shared/data
+        tasks = set(params["task"].split(",")) if "task" in params else {cfg.task.name}
+        assert tasks in ({"sst2", "qnli", "mnli", "qqp"}, {"yelp"})
+        assert cfg.task.data_dir.endswith(f"/{cfg.task.name}")
+    else:  # a generic sweep over the default (or a user's) model and task, ≥ 3 seeds
+        assert len(str(params["seed"]).split(",")) >= 3
+    # every value of every swept axis composes (with the first value of the other axes, as in a job)
+    axes = {key: str(values).split(",") for key, values in params.items()}
+    with initialize_config_dir(config_dir=str(CONF.parent / "multirun_templates"), version_base="1.3"):
+        for key, values in axes.items():
+            for value in values:
+                job = [f"{k}={value if k == key else v[0]}" for k, v in axes.items()]
+                validate(compose(config_name=template,
+                                 overrides=["hydra.searchpath=[file://" + str(CONF) + "]", *job]))
+
+
+def test_slurm_launcher_config_composes() -> None:
+    """The documented cluster launcher (``hydra/launcher=slurm_gpu``) resolves to submitit's SLURM launcher."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm_gpu"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1

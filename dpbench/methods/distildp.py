@@ -122,6 +122,8 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     private = PrivateCorpus(train)
     teacher = load_causal_lm(cfg.model)
     select_trainable(teacher.model, m.trainable)
+    if m.get("freeze_embeddings", False):  # (tied: the LM head too) public weights, no per-sample V×d gradients
+        teacher.model.get_input_embeddings().weight.requires_grad_(False)
     student = build_student(teacher, m.student)  # from the pre-trained (public) teacher
     distill = partial(LMDistillModule, lam=lam, temperature=temperature, alpha=alpha)
     results, extra = {}, {}
