@@ -72,7 +72,7 @@ class DPModule(L.LightningModule):
             group_of, self.group_names = group_names([n for n, _ in self.engine.named_params], dp.allocation.groups)
             self.allocation = NoiseAllocation(group_of, [p.numel() for p in self.engine.params],
                                               dp.noise_multiplier, dp.clip_norm, dp.allocation)
-            self.engine.set_groups(group_of, self.allocation.clip_norms)
+            self.engine.set_groups(group_of, self.allocation.clip_norms, count_unclipped=self.allocation.adaptive)
         self.final_metrics: dict[str, float] = {}
         self.automatic_optimization = True
 

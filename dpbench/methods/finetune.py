@@ -79,5 +79,9 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
         extra["anadp"] = {"groups": result.module.group_names, "clip_norms": alloc.clip_norms.tolist(),
                           "final_noise_multipliers": alloc.noise_multipliers().tolist(),
                           "sigma_eff": [min(alloc.sigma_eff_history), max(alloc.sigma_eff_history)]}
+        if alloc.adaptive:  # the counts' share of the mechanism (σ_eff above includes it)
+            extra["anadp"]["adaptive_clipping"] = {"quantile": alloc.cfg.clip_quantile, "lr": alloc.cfg.clip_lr,
+                                                   "count_noise_multiplier": alloc.count_sigma,
+                                                   "gradient_noise_multiplier": alloc.grad_sigma}
     return make_record(cfg, metrics=result.metrics, privacy=record, params=lm.num_params(),
                        train_s=result.train_s, steps=result.steps, extra=extra)

@@ -14,8 +14,18 @@ The allocation keeps Σₖ σₖ⁻² = σ⁻² at every step: σₖ = σ/√w�
 Here σ is the multiplier calibrated for the target ε. So σ_eff = σ always, and ANADP spends exactly the
 privacy of uniform DP-SGD with the same σ, q and steps. More important groups get a larger wₖ and
 therefore less noise. Both the weights and the bounds Cₖ are computed only from released quantities:
-the privatised gradients g̃ and the parameters, which are themselves earlier releases. That makes
-them post-processing. The Cₖ are fixed at the start (equal, or ∝ √(group size)).
+the privatised gradients g̃, the parameters (earlier releases) and, with adaptive bounds, the
+privatised counts below. That makes them post-processing.
+
+Bounds Cₖ. Fixed at the start (equal, C/√K, or ∝ √(group size)), or adaptive (``clip_quantile`` γ,
+Andrew et al. 2021 per group): each step also releases, per group, the number bₖ of examples whose
+part in group k was not clipped, with noise N(0, σ_b²). One example changes every bₖ by at most 1,
+so after rescaling by 1/σ_b the counts add K·σ_b⁻² to the squared sensitivity. The step is then one
+Gaussian mechanism with σ_eff = (Σₖ σₖ⁻² + K·σ_b⁻²)^(-1/2), and the allocation keeps it equal to σ by
+giving the gradients σ_g = (σ⁻² − K·σ_b⁻²)^(-1/2) (σₖ = σ_g/√wₖ) with σ_b = σ·√(K/s) for a share s of
+σ⁻² spent on the counts. The bounds follow Cₖ ← Cₖ·exp(−η(b̃ₖ/B − γ)) (B the expected batch size),
+so each tends to the γ-quantile of its group's per-sample norms. The rescaling argument holds for any
+Cₖ fixed before the step, so no constraint on Σ Cₖ² is needed once the bounds adapt.
 
 (With one global clip C and unequal σₖ, an example could put all its gradient norm into the
 least-noised group. The guarantee would then be only that group's σ, which is why clipping is per
@@ -67,6 +77,9 @@ class AllocationConfig:
     uniform_share: float = 0.5  # ρ: part of the weights kept uniform, so no group is starved
     clip_split: str = "equal"   # Cₖ = C/√K (equal) or C·√(dₖ/d) (size)
     groups: str = "module"      # one group per layer / PEFT module (module) or per transformer block (block)
+    clip_quantile: float | None = None  # γ: adapt each Cₖ to this quantile of its norms (None: fixed Cₖ)
+    clip_lr: float = 0.2        # η: geometric step of the bound update
+    count_share: float = 0.1    # s: share of σ⁻² spent on the privatised unclipped counts
 
     def __post_init__(self) -> None:
         if self.groups not in GRANULARITIES:
@@ -75,6 +88,9 @@ class AllocationConfig:
             raise ValueError(f"clip_split must be one of {CLIP_SPLITS}, got {self.clip_split!r}")
         if not (0 < self.uniform_share <= 1 and self.temperature > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("need 0 < uniform_share <= 1, temperature > 0 and betas in [0, 1)")
+        if self.clip_quantile is not None and not (0 < self.clip_quantile < 1 and self.clip_lr > 0
+                                                   and 0 < self.count_share < 1):
+            raise ValueError("need 0 < clip_quantile < 1, clip_lr > 0 and 0 < count_share < 1")
 
 
 class NoiseAllocation:
@@ -92,7 +108,11 @@ class NoiseAllocation:
             group_sizes[g] += n
         share = torch.full((self.k,), 1.0 / self.k, dtype=torch.float64) if cfg.clip_split == "equal" \
             else group_sizes / group_sizes.sum()
-        self.clip_norms = clip_norm * share.sqrt()          # Σₖ Cₖ² = C²
+        self.clip_norms = clip_norm * share.sqrt()          # Σₖ Cₖ² = C² (at the start; adaptive ones move)
+        self.adaptive = cfg.clip_quantile is not None and self.sigma > 0
+        # σ_b (counts) and σ_g (gradients, before weights) with Σₖ σₖ⁻² + K·σ_b⁻² = σ⁻²
+        self.count_sigma = self.sigma * math.sqrt(self.k / cfg.count_share) if self.adaptive else math.inf
+        self.grad_sigma = self.sigma / math.sqrt(1 - cfg.count_share) if self.adaptive else self.sigma
         self.weights = torch.full((self.k,), 1.0 / self.k, dtype=torch.float64)
         self.steps = 0
         self._i_bar: list[Tensor] | None = None
@@ -100,11 +120,15 @@ class NoiseAllocation:
         self.sigma_eff_history: list[float] = []
 
     def noise_multipliers(self) -> Tensor:
-        return self.sigma / self.weights.sqrt()
+        """σₖ of each group's gradient sum."""
+        return self.grad_sigma / self.weights.sqrt()
 
     def effective_noise_multiplier(self) -> float:
-        """(Σₖ σₖ⁻²)^(-1/2): the one number the accountant needs."""
-        return float(self.noise_multipliers().pow(-2).sum().pow(-0.5)) if self.sigma > 0 else 0.0
+        """(Σₖ σₖ⁻² + K·σ_b⁻²)^(-1/2): the one number the accountant needs (no count term with fixed Cₖ)."""
+        if self.sigma <= 0:
+            return 0.0
+        counts = self.k / self.count_sigma ** 2 if self.adaptive else 0.0
+        return float((self.noise_multipliers().pow(-2).sum() + counts).pow(-0.5))
 
     def param_noise_stds(self) -> list[float]:
         """σₖCₖ for each parameter's group: the std of the Gaussian noise on its clipped sum."""
@@ -112,8 +136,15 @@ class NoiseAllocation:
         return [std[g] for g in self.group_of]
 
     @torch.no_grad()
-    def observe(self, params: Sequence[Tensor], released: Sequence[Tensor]) -> None:
-        """Update the importance from the released (privatised) gradients and set the next weights."""
+    def observe(self, params: Sequence[Tensor], released: Sequence[Tensor],
+                unclipped: Tensor | None = None, expected_batch_size: float | None = None) -> None:
+        """Update the importance from the released (privatised) gradients and set the next weights;
+        with adaptive bounds, move each Cₖ by its privatised unclipped count ``unclipped``."""
+        if self.adaptive:
+            if unclipped is None or not expected_batch_size:
+                raise ValueError("adaptive clipping bounds need the privatised counts and the expected batch size")
+            frac = unclipped.double().cpu() / float(expected_batch_size)
+            self.clip_norms = self.clip_norms * torch.exp(-self.cfg.clip_lr * (frac - self.cfg.clip_quantile))
         sens = [(p.detach() * g).abs().to(torch.float32) for p, g in zip(params, released)]
         b1, b2 = self.cfg.beta1, self.cfg.beta2
         if self._i_bar is None:
@@ -148,10 +179,12 @@ def allocation_weights(scores: Tensor, temperature: float, uniform_share: float)
 
 
 def check_invariant(alloc: NoiseAllocation, rel: float = 1e-9) -> None:
-    """Raise if the allocation's σ_eff differs from the calibrated σ or Σ Cₖ² from C²."""
+    """Raise if the allocation's σ_eff differs from the calibrated σ, or (fixed bounds) Σ Cₖ² from C²."""
     eff = alloc.effective_noise_multiplier()
     if not math.isclose(eff, alloc.sigma, rel_tol=rel):
         raise AssertionError(f"σ_eff={eff} differs from the calibrated σ={alloc.sigma}")
+    if not bool((alloc.clip_norms > 0).all() and torch.isfinite(alloc.clip_norms).all()):
+        raise AssertionError(f"clipping bounds must be positive and finite, got {alloc.clip_norms.tolist()}")
     total = float(alloc.clip_norms.pow(2).sum().sqrt())
-    if not math.isclose(total, alloc.clip_norm, rel_tol=rel):
+    if not alloc.adaptive and not math.isclose(total, alloc.clip_norm, rel_tol=rel):
         raise AssertionError(f"(Σ Cₖ²)^½={total} differs from the clipping norm C={alloc.clip_norm}")

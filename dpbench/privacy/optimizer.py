@@ -120,13 +120,28 @@ class PrivateOptimizer(Optimizer):
             for s in sums:
                 s.div_(self.expected_batch_size)
             if self.allocation is not None:  # post-processing of the release: the next step's allocation
-                self.allocation.observe(self.engine.params, sums)
+                self._observe(sums)
         for p, s in zip(self.engine.params, sums):
             p.grad = s
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         return loss
+
+    def _observe(self, sums: list[Tensor]) -> None:
+        """Hand the released sums (and, with adaptive bounds, the per-group unclipped counts plus their
+        noise N(0, σ_b²), drawn here once per logical batch) to the allocation; then set its new bounds."""
+        alloc = self.allocation
+        noisy = None
+        if alloc.adaptive:
+            counts = self.engine.take_unclipped()
+            generator = self._streams[0][0]
+            device = generator.device if generator is not None else counts.device
+            noise = torch.randn(counts.shape, dtype=counts.dtype, device=device, generator=generator)
+            noisy = counts + alloc.count_sigma * noise.cpu()
+        alloc.observe(self.engine.params, sums, unclipped=noisy, expected_batch_size=self.expected_batch_size)
+        if alloc.adaptive:
+            self.engine.set_group_clips(alloc.clip_norms)
 
     def _fill_noise(self, sums: list[Tensor]) -> None:
         """sums[i] ← N(0, σ²C²) in place (a logical batch opens; σₖCₖ of its group under an

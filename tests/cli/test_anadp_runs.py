@@ -13,12 +13,14 @@ pytest.importorskip("peft")
 
 
 @pytest.mark.parametrize("method, trainable", [("dp_lora", "lora"), ("anadp", "lora"), ("anadp", "bitfit"),
-                                               ("anadp", "full")])
+                                               ("anadp", "full"), ("anadp+adaptive", "bitfit")])
 def test_lora_and_anadp_write_ok_records(method: str, trainable: str, tmp_path: Path) -> None:
     out = tmp_path / f"{method}_{trainable}"
+    adaptive = method.endswith("+adaptive")
+    method = method.removesuffix("+adaptive")
     proc = dpbench(*TINY_RUN, f"method={method}", f"method.trainable={trainable}", "trainer.max_steps=6",
                    "privacy.epsilon=3", "method.anadp.warmup_steps=2" if method == "anadp" else "seed=0",
-                   f"hydra.run.dir={out}")
+                   "method.anadp.clip_quantile=0.5" if adaptive else "seed=0", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = read(out)
     p = r["privacy"]
@@ -32,7 +34,10 @@ def test_lora_and_anadp_write_ok_records(method: str, trainable: str, tmp_path: 
         a = r["anadp"]
         assert a["sigma_eff"][0] == pytest.approx(a["sigma_eff"][1], rel=1e-12)
         assert s["noise_multiplier"] == pytest.approx(a["sigma_eff"][0], rel=1e-12)
-        inv = sum(x ** -2 for x in a["final_noise_multipliers"]) ** -0.5
+        k = len(a["groups"])
+        counts = k / a["adaptive_clipping"]["count_noise_multiplier"] ** 2 if adaptive else 0.0
+        inv = (sum(x ** -2 for x in a["final_noise_multipliers"]) + counts) ** -0.5
         assert inv == pytest.approx(s["noise_multiplier"], rel=1e-9)
-        assert sum(c ** 2 for c in a["clip_norms"]) == pytest.approx(r["privacy"]["clip_norm"] ** 2, rel=1e-9)
-        assert len(a["groups"]) == len(a["final_noise_multipliers"]) > 1
+        total_clip = sum(c ** 2 for c in a["clip_norms"])
+        assert (total_clip != pytest.approx(r["privacy"]["clip_norm"] ** 2, rel=1e-6)) == adaptive  # bounds moved
+        assert k == len(a["final_noise_multipliers"]) > 1

@@ -74,6 +74,7 @@ class BookkeepingEngine(GradientEngine):
         self._group: dict[int, int] = {id(p): 0 for p in self.params}  # one clipping group unless set_groups
         self._group_clip: Tensor | None = None
         self._n_groups = 1
+        self._unclipped: Tensor | None = None  # per-group counts of unclipped examples (adaptive bounds)
         self._masked = [(index[id(m.weight_orig)], m) for m, names in self._names.items() if "weight_orig" in names]
         self._calls: dict[nn.Module, list[list]] = defaultdict(list)  # module → [[a, g], ...]
         self._hidden = False
@@ -142,7 +143,10 @@ class BookkeepingEngine(GradientEngine):
         for pid, v in shared_grads.items():
             norms_sq[:, self._group[pid]] += v.flatten(1).pow(2).sum(1)
         clip = float(self.clip_norm) if self._group_clip is None else self._group_clip.to(norms_sq)
-        c = clip_factors(norms_sq.clamp(min=0).sqrt(), clip, self.clipping)  # (B, groups)
+        norms = norms_sq.clamp(min=0).sqrt()
+        c = clip_factors(norms, clip, self.clipping)  # (B, groups)
+        if self._unclipped is not None:
+            self._unclipped += (norms <= clip).sum(0).to(self._unclipped)
 
         memo.clear()  # Gram matrices are not needed any more; scaled inputs depend on c
         per_group = [c[:, k].contiguous() for k in range(groups)]  # one factor tensor per clipping group
@@ -158,15 +162,29 @@ class BookkeepingEngine(GradientEngine):
                 rule.add_clipped(module, names, a, g, cg, out, memo)
         return norms_sq.sum(1).clamp(min=0).sqrt()
 
-    def set_groups(self, group_of: Sequence[int], clip_norms: Tensor) -> None:
+    def set_groups(self, group_of: Sequence[int], clip_norms: Tensor, count_unclipped: bool = False) -> None:
         """Clip per group (ANADP): the part of each per-sample gradient in group ``group_of[i]`` (of
-        parameter i) is clipped to ``clip_norms[group]`` on its own. A module's parameters share a group."""
+        parameter i) is clipped to ``clip_norms[group]`` on its own. A module's parameters share a group.
+        ``count_unclipped``: also count, per group, the examples left unclipped (:meth:`take_unclipped`)."""
         self._group = {id(p): int(g) for p, g in zip(self.params, group_of)}
         for module, names in self._names.items():
             if len({self._group[id(getattr(module, n))] for n in names}) > 1:
                 raise PrivacyError(f"the parameters of one {type(module).__name__} must share a clipping group")
-        self._group_clip = torch.as_tensor(clip_norms)
         self._n_groups = max(self._group.values()) + 1
+        self.set_group_clips(clip_norms)
+        self._unclipped = torch.zeros(self._n_groups, dtype=torch.float64) if count_unclipped else None
+
+    def set_group_clips(self, clip_norms: Tensor) -> None:
+        """New per-group bounds (from released quantities only), used from the next micro-batch on."""
+        self._group_clip = torch.as_tensor(clip_norms).clone()
+
+    def take_unclipped(self) -> Tensor:
+        """The per-group unclipped counts since the last call (one logical batch), reset to zero. Not
+        private by itself: the optimizer adds noise before anyone reads them."""
+        if self._unclipped is None:
+            raise RuntimeError("set_groups(..., count_unclipped=True) first")
+        counts, self._unclipped = self._unclipped, torch.zeros_like(self._unclipped)
+        return counts
 
     def _module_group(self, module: nn.Module) -> int:
         return self._group[id(getattr(module, next(iter(self._names[module]))))]
