@@ -43,9 +43,9 @@ class PaperRow:
             return f"— {self.model} [{source}]" if short else f"— ({self.note or 'not readable'}; {source})"
         q = "" if self.qualifier == "=" else self.qualifier
         if short:
-            return f"{q}{self.value:g}{self.unit} {self.model} [{source}]"
+            return f"{q}{self.value}{self.unit} {self.model} [{source}]"
         extra = f"; {self.note}" if self.note else ""
-        return f"{q}{self.value:g}{self.unit} {self.metric}, {self.model} ({source}{extra})"
+        return f"{q}{self.value}{self.unit} {self.metric}, {self.model} ({source}{extra})"
 
 
 _FIELDS = set(PaperRow.__dataclass_fields__)

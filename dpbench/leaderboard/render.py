@@ -91,7 +91,8 @@ def page(rows: list[Row], rejected: list[Verdict], unjoined: list[PaperRow], plo
     imgs = "".join(f"<figure><img alt='{e(p.stem)}' src='data:image/png;base64,"
                    f"{base64.b64encode(p.read_bytes()).decode()}'><figcaption>{e(p.stem)}</figcaption></figure>"
                    for p in plots)
-    papers = "".join(f"<li>{e(p.task)} · {e(p.method)} · ε={e(str(p.epsilon))}: {e(p.label())}</li>" for p in unjoined)
+    papers = "".join(f"<li>{e(p.task)} · {e(p.method)} · ε={e('∞' if p.epsilon is None else str(p.epsilon))}: "
+                     f"{e(p.label())}</li>" for p in unjoined)
     bad = "".join(f"<li class='bad'><code>{e(s)}</code>: {e(why)}</li>" for s, why in _reason_lines(rejected))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>dpbench leaderboard</title>
 <style>{_CSS}</style></head><body><h1>dpbench leaderboard</h1>
