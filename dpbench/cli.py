@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -50,18 +51,36 @@ def check_group_choices(argv: list[str]) -> str | None:
 
 def check_composes(argv: list[str]) -> str | None:
     """Compose a single run's config up front so that Hydra's errors (unknown keys, bad values)
-    come out as one line. Sweeps (``-m``) and Hydra's own flags are left to Hydra."""
+    come out as one line, and check that its output folder can be written. Sweeps (``-m``) and
+    Hydra's own flags are left to Hydra."""
     if any(a.startswith("-") for a in argv):
         return None
-    overrides = [a for a in argv if "=" in a and not a.lstrip("+~").startswith("hydra.")]
+    overrides = [a for a in argv if "=" in a]
     from hydra import compose, initialize_config_dir
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception as e:  # noqa: BLE001 - any composition failure is the user's to fix
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
         return " ".join(lines) or type(e).__name__
+    try:
+        run_dir = str(cfg.hydra.run.dir)
+    except Exception:  # noqa: BLE001 - interpolations only Hydra's run resolves: it checks the folder itself
+        return None
+    return check_writable(run_dir)
+
+
+def check_writable(folder: str) -> str | None:
+    """One-line message if no folder can be made at ``folder``: a temporary folder is made (and
+    removed) in its nearest existing ancestor, so a good path is left untouched."""
+    probe = Path(folder).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dpbench-probe-", dir=probe))
+    except OSError as e:
+        return f"cannot write the output folder '{folder}' ({e.strerror}); set hydra.run.dir to a writable folder"
     return None
 
 
@@ -69,7 +88,7 @@ def _run_job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from dpbench.config import validate
+    from dpbench.config import check_sources, validate
     from dpbench.errors import DPBenchError
     from dpbench.methods import get_runner
     from dpbench.pipeline import publish_record
@@ -82,6 +101,7 @@ def _run_job(cfg) -> None:
         results.unlink()  # a stale record must never stand in for this run
     try:
         validate(cfg)
+        check_sources(cfg)
         threads = cfg.trainer.get("num_threads")
         if threads:
             import torch

@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from dpbench.errors import ConfigError
+from dpbench.privacy.allocation import CLIP_SPLITS, GRANULARITIES
 from dpbench.privacy.engine import ENGINES
+
+# key → (the rule in words, the test, an example value); checked when the config has the key
+BOUNDS: dict[str, tuple[str, Callable[[float], bool], str]] = {
+    "method.compression.sparsity": ("in [0, 1)", lambda x: 0 <= x < 1, "0.5"),
+    "method.student.width_sparsity": ("in [0, 1)", lambda x: 0 <= x < 1, "0.0"),
+    "method.budget_split": ("in (0, 1)", lambda x: 0 < x < 1, "0.5"),
+    "method.kd.lam": ("in [0, 1]", lambda x: 0 <= x <= 1, "0.4"),
+    "method.kd.temperature": ("> 0", lambda x: x > 0, "1.0"),
+}
 
 
 def _num(cfg: DictConfig, key: str) -> Any:
@@ -29,7 +40,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"privacy.clip_norm must be > 0 (got {clip}); set e.g. privacy.clip_norm=1.0")
     choices = {"privacy.accountant": ("prv",), "privacy.clipping": ("flat", "automatic"),
                "privacy.engine": ENGINES, "method.optimizer.name": ("adam", "sgd"),
-               "method.optimizer.schedule": ("linear", "constant")}
+               "method.optimizer.schedule": ("linear", "constant"), "method.anadp.groups": GRANULARITIES,
+               "method.anadp.clip_split": CLIP_SPLITS}
     for key, allowed in choices.items():
         value = _num(cfg, key)
         if value is not None and value not in allowed:
@@ -47,6 +59,28 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_steps must be an integer >= 1 or null (got {max_steps})")
     if max_steps is None and (epochs is None or not _finite(epochs) or epochs <= 0):
         raise ConfigError(f"privacy.epochs must be > 0 (got {epochs}); or set trainer.max_steps")
+    for key, (rule, ok, example) in BOUNDS.items():
+        v = _num(cfg, key)
+        if v is not None and not (_finite(v) and ok(v)):
+            raise ConfigError(f"{key} must be {rule} (got {v}); set e.g. {key}={example}")
+
+
+def check_sources(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for a model or tokenizer source missing from this machine: an
+    uninstalled ``pkg://`` package or a local path that does not exist (hub names are left to the loader)."""
+    from dpbench.models.tokenizers import PKG_PREFIX, resolve_source
+
+    for key in ("model.pretrained", "model.tokenizer"):
+        source = _num(cfg, key)
+        if not isinstance(source, str):
+            continue
+        if source.startswith(PKG_PREFIX):
+            try:
+                resolve_source(source)
+            except ConfigError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        elif source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
+            raise ConfigError(f"{key} '{source}' does not exist; give a model folder, a pkg:// source or a hub name")
 
 
 def _finite(x: Any) -> bool:

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dpbench.checkpointing import StageCheckpoint, fingerprint
 from dpbench.data.datamodule import Collator, EncodedDataset, TextDataModule
 from dpbench.data.examples import TextClassificationData
 from dpbench.data.glue import load_glue
@@ -246,20 +247,32 @@ def train_classifier(cfg: DictConfig, lm: LoadedModel, spec: TaskSpec, train: Te
 def run_stage(cfg: DictConfig, module: DPModule, data: L.LightningDataModule, plan: PrivacyPlan, out_dir: Path,
               stage_name: str) -> StageResult:
     """Fit ``module`` for the plan's steps (one pass of the logical-batch sampler), then validate; the
-    stage is recorded only when exactly the planned number of noised steps ran."""
+    stage is recorded only when exactly the planned number of noised steps ran. With
+    ``trainer.checkpoint_every_n_steps`` the stage checkpoints and resumes (:mod:`dpbench.checkpointing`)."""
     t = cfg.trainer
+    every = int(t.get("checkpoint_every_n_steps") or 0)
+    ckpt = None
+    if every > 0:
+        sampler = data.train_sampler
+        ckpt = StageCheckpoint(out_dir, stage_name, fingerprint(plan, stage_name, sampler.seed), every, sampler)
+        ckpt.restore_weights(module)
     trainer = L.Trainer(
         accelerator=t.get("accelerator", "cpu"), devices=t.get("devices", 1), precision=t.get("precision", "32-true"),
         max_epochs=1, max_steps=-1, num_sanity_val_steps=0, enable_checkpointing=False,
         use_distributed_sampler=False, logger=make_logger(cfg, out_dir, stage_name),
         log_every_n_steps=int(t.get("log_every_n_steps", 10)), enable_progress_bar=bool(t.get("progress_bar", True)),
-        enable_model_summary=False, default_root_dir=str(out_dir),
+        enable_model_summary=False, default_root_dir=str(out_dir), callbacks=[ckpt] if ckpt else None,
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    train_s = time.perf_counter() - start
+    if ckpt is not None and ckpt.finished:  # trained before: load it, spend nothing
+        steps = ckpt.steps_done
+        if module.allocation is not None:
+            module.allocation.load_state_dict(ckpt.state["optimizer"]["allocation"])
+    else:
+        trainer.fit(module, datamodule=data)
+        steps = module.steps_taken
+    train_s = time.perf_counter() - start + (ckpt.train_s_before if ckpt else 0.0)
     trainer.validate(module, datamodule=data, verbose=False)
-    steps = module.steps_taken
     if steps != plan.steps:
         raise RuntimeError(f"stage '{stage_name}' ran {steps} of {plan.steps} planned steps; not recording it as complete")
     stage = Stage(stage_name, module.effective_noise_multiplier, plan.sample_rate, steps) if plan.private else None

@@ -113,7 +113,8 @@ class DPModule(L.LightningModule):
                                expected_batch_size=self.dp.expected_batch_size if self.dp else None,
                                generator=generator,
                                noise_streams=torch.get_num_threads() if self.device.type == "cpu" else 1,
-                               allocation=self.allocation)
+                               allocation=self.allocation,
+                               max_steps=self.total_steps if self.dp is not None else None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -102,10 +102,10 @@ class LMDataModule(L.LightningDataModule):
                  sampler, eval_batch_size: int) -> None:
         super().__init__()
         self.train_set, self.val_set, self.lm, self.max_length = train, val, lm, max_length
-        self.sampler, self.eval_batch_size = sampler, eval_batch_size
+        self.train_sampler, self.eval_batch_size = sampler, eval_batch_size
 
     def train_dataloader(self):
-        return lm_loader(self.train_set, self.lm.tokenizer, self.max_length, batch_sampler=self.sampler)
+        return lm_loader(self.train_set, self.lm.tokenizer, self.max_length, batch_sampler=self.train_sampler)
 
     def val_dataloader(self):
         return lm_loader(self.val_set, self.lm.tokenizer, self.max_length, batch_size=self.eval_batch_size)

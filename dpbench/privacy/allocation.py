@@ -135,6 +135,17 @@ class NoiseAllocation:
         std = (self.noise_multipliers() * self.clip_norms).tolist()
         return [std[g] for g in self.group_of]
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue the same allocation (all of it from released quantities)."""
+        return {"weights": self.weights, "clip_norms": self.clip_norms, "steps": self.steps, "i_bar": self._i_bar,
+                "u_bar": self._u_bar, "sigma_eff_history": list(self.sigma_eff_history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights, self.clip_norms, self.steps = state["weights"], state["clip_norms"], int(state["steps"])
+        self._i_bar, self._u_bar = state["i_bar"], state["u_bar"]
+        self.sigma_eff_history = list(state["sigma_eff_history"])
+        check_invariant(self)
+
     @torch.no_grad()
     def observe(self, params: Sequence[Tensor], released: Sequence[Tensor],
                 unclipped: Tensor | None = None, expected_batch_size: float | None = None) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from dpbench.errors import PrivacyError
 from dpbench.privacy.allocation import NoiseAllocation
 from dpbench.privacy.engine.base import GradientEngine
 
@@ -44,6 +45,7 @@ class PrivateOptimizer(Optimizer):
         generator: torch.Generator | None = None,
         noise_streams: int = 1,
         allocation: NoiseAllocation | None = None,
+        max_steps: int | None = None,
     ) -> None:
         private = noise_multiplier is not None
         if private and (expected_batch_size is None or expected_batch_size <= 0):
@@ -53,6 +55,7 @@ class PrivateOptimizer(Optimizer):
         self.noise_multiplier = noise_multiplier
         self.expected_batch_size = expected_batch_size
         self.allocation = allocation  # ANADP: per-group σₖCₖ, updated from each release
+        self.max_steps = max_steps  # the budget guard: the calibrated number of noised steps
         self.steps = 0
         self.last_batch_size = 0
         self._streams = self._make_streams(generator, noise_streams) if private else []
@@ -93,7 +96,8 @@ class PrivateOptimizer(Optimizer):
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "steps": self.steps,
-                "generators": [None if g is None else g.get_state() for g, _ in self._streams]}
+                "generators": [None if g is None else g.get_state() for g, _ in self._streams],
+                "allocation": None if self.allocation is None else self.allocation.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -101,12 +105,19 @@ class PrivateOptimizer(Optimizer):
         for (g, _), saved in zip(self._streams, state.get("generators", [])):
             if g is not None and saved is not None:
                 g.set_state(saved)
+        if self.allocation is not None and state.get("allocation") is not None:
+            self.allocation.load_state_dict(state["allocation"])
+            if self.allocation.adaptive:
+                self.engine.set_group_clips(self.allocation.clip_norms)
 
     def __repr__(self) -> str:
         return f"PrivateOptimizer(σ={self.noise_multiplier}, B={self.expected_batch_size}, {self.optimizer!r})"
 
     # -- the step ------------------------------------------------------------------------------
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        if self.max_steps is not None and self.steps >= self.max_steps:
+            raise PrivacyError(f"refusing noised step {self.steps + 1}: the privacy budget was calibrated for "
+                               f"{self.max_steps} steps, and another would push ε past the target")
         loss = None
         if closure is not None:
             with torch.enable_grad():
