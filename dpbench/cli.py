@@ -121,6 +121,15 @@ def _run_job(cfg) -> None:
         print(f"dpbench: error: {message}", file=sys.stderr)
         _failures.append(message)
         return
+    if cfg.get("audit") and record.privacy.stages:
+        from dataclasses import asdict
+
+        from dpbench.privacy.audit import audit_privacy
+
+        record.extra["audit"] = audit_privacy(asdict(record.privacy), engine=cfg.privacy.get("engine", "bk"))
+        if not record.extra["audit"]["consistent"]:
+            print(f"dpbench: warning: the privacy audit's lower bound {record.extra['audit']['epsilon_lower_bound']:.3f} "
+                  f"exceeds the claimed ε={record.privacy.epsilon:.3f}", file=sys.stderr)
     write_json_atomic(results, record.to_dict())
     publish_record(cfg, record, out_dir)
     eps = record.privacy.epsilon

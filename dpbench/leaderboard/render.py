@@ -12,7 +12,8 @@ from dpbench.leaderboard.baselines import PaperRow
 from dpbench.leaderboard.verify import Verdict
 
 COLUMNS = ("rank", "task", "model", "method", "trainable set", "ε target", "ε verified", "δ", "metric",
-           "mean ± std", "n", "paper", "trainable params", "s / step", "peak MiB", "sparsity", "latency ×")
+           "mean ± std", "n", "paper", "trainable params", "s / step", "peak MiB", "sparsity", "latency ×",
+           "audit ε ≥")
 
 
 def _num(x: float | None, fmt: str = ".3f") -> str:
@@ -25,7 +26,7 @@ def cells(r: Row, short: bool = True) -> list[str]:
             r.eps_label, _num(r.epsilon, ".3f"), _num(r.delta, ".1e"), r.metric,
             "—" if r.mean is None else f"{r.mean:.4f} ± {r.std:.3f}", str(r.n), paper,
             f"{r.trainable:,.0f}", _num(r.step_s, ".3f"), _num(r.peak_rss_mb, ",.0f"),
-            _num(r.sparsity, ".2f"), _num(r.latency_speedup, ".2f")]
+            _num(r.sparsity, ".2f"), _num(r.latency_speedup, ".2f"), _num(r.audit_lower, ".2f")]
 
 
 def _reason_lines(rejected: list[Verdict]) -> list[tuple[str, str]]:
@@ -60,12 +61,12 @@ def csv_text(rows: list[Row]) -> str:
     w = csv.writer(buf)
     w.writerow(["rank", "task", "model", "method", "trainable_set", "target_epsilon", "epsilon", "delta", "metric",
                 "mean", "std", "n", "seeds", "paper", "trainable", "total", "train_s", "step_s", "peak_rss_mb",
-                "sparsity", "latency_speedup"])
+                "sparsity", "latency_speedup", "audit_epsilon_lower_bound"])
     for r in rows:
         w.writerow([r.rank, r.task, r.model, r.method, r.trainable_set, r.target_epsilon, r.epsilon, r.delta,
                     r.metric, r.mean, r.std, r.n, " ".join(map(str, r.seeds)),
                     "; ".join(p["label"] for p in r.paper), r.trainable, r.total, r.train_s, r.step_s,
-                    r.peak_rss_mb, r.sparsity, r.latency_speedup])
+                    r.peak_rss_mb, r.sparsity, r.latency_speedup, r.audit_lower])
     return buf.getvalue()
 
 
@@ -84,7 +85,7 @@ def page(rows: list[Row], rejected: list[Verdict], unjoined: list[PaperRow], plo
     """One HTML file: sortable table (click a header), embedded PNG plots, paper rows, rejected runs."""
     e = html.escape
     numeric = {"rank", "ε target", "ε verified", "δ", "mean ± std", "n", "trainable params", "s / step",
-               "peak MiB", "sparsity", "latency ×"}
+               "peak MiB", "sparsity", "latency ×", "audit ε ≥"}
     head = "".join(f"<th>{e(c)}</th>" for c in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td class='{'num' if c in numeric else ''}'>{e(v)}</td>"
                                     for c, v in zip(COLUMNS, cells(r, short=False))) + "</tr>" for r in rows)

@@ -149,6 +149,10 @@ def verify_record(record: dict[str, Any], source: str = "<record>") -> Verdict:
     if not math.isfinite(claimed) or claimed < v.epsilon_recomputed * (1 - REL_TOL):
         v.reasons.append(f"claimed ε={claimed:.4f} is below the recomputed upper bound "
                          f"{v.epsilon_recomputed:.4f} (σ, q, steps, δ as logged)")
+    audit = record.get("audit") or {}
+    bound = audit.get("epsilon_lower_bound")
+    if bound is not None and bound > claimed:
+        v.reasons.append(f"the privacy audit's lower bound ε ≥ {bound:.3f} exceeds the claimed ε={claimed:.4f}")
     target = priv["target_epsilon"]
     if target is not None and v.epsilon_recomputed > target * (1 + REL_TOL):
         v.reasons.append(f"recomputed ε={v.epsilon_recomputed:.4f} exceeds the run's target ε={target}")
