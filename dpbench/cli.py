@@ -130,6 +130,8 @@ def _run_job(cfg) -> None:
         if not record.extra["audit"]["consistent"]:
             print(f"dpbench: warning: the privacy audit's lower bound {record.extra['audit']['epsilon_lower_bound']:.3f} "
                   f"exceeds the claimed ε={record.privacy.epsilon:.3f}", file=sys.stderr)
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) != 0:
+        return  # data parallel: rank 0 writes the record
     write_json_atomic(results, record.to_dict())
     publish_record(cfg, record, out_dir)
     eps = record.privacy.epsilon

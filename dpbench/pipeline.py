@@ -28,6 +28,7 @@ from dpbench.methods.base import ClassifierModule, DPConfig, DPModule, OptimConf
 from dpbench.models.registry import LoadedModel
 from dpbench.privacy.accounting import Stage, calibrate_noise, compute_epsilon, default_delta
 from dpbench.privacy.allocation import AllocationConfig
+from dpbench.privacy.distributed import PrivateDDPStrategy
 from dpbench.privacy.sampling import PoissonBatchSampler, ShuffleBatchSampler
 from dpbench.results.io import git_info, peak_rss_mb, versions
 from dpbench.results.schema import STATUS_OK, PrivacyRecord, RunRecord
@@ -256,8 +257,13 @@ def run_stage(cfg: DictConfig, module: DPModule, data: L.LightningDataModule, pl
         sampler = data.train_sampler
         ckpt = StageCheckpoint(out_dir, stage_name, fingerprint(plan, stage_name, sampler.seed), every, sampler)
         ckpt.restore_weights(module)
+    devices = t.get("devices", 1)
+    strategy = "auto"
+    if isinstance(devices, int) and devices > 1:  # data parallel: the private optimizer reduces (distributed.py)
+        strategy = PrivateDDPStrategy(process_group_backend="gloo" if t.get("accelerator", "cpu") == "cpu" else None)
     trainer = L.Trainer(
-        accelerator=t.get("accelerator", "cpu"), devices=t.get("devices", 1), precision=t.get("precision", "32-true"),
+        accelerator=t.get("accelerator", "cpu"), devices=devices, strategy=strategy,
+        precision=t.get("precision", "32-true"),
         max_epochs=1, max_steps=-1, num_sanity_val_steps=0, enable_checkpointing=False,
         use_distributed_sampler=False, logger=make_logger(cfg, out_dir, stage_name),
         log_every_n_steps=int(t.get("log_every_n_steps", 10)), enable_progress_bar=bool(t.get("progress_bar", True)),

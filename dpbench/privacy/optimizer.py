@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from dpbench.errors import PrivacyError
 from dpbench.privacy.allocation import NoiseAllocation
+from dpbench.privacy.distributed import all_reduce_sum, broadcast, rank_world
 from dpbench.privacy.engine.base import GradientEngine
 
 
@@ -122,8 +123,10 @@ class PrivateOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.last_batch_size = self.engine.num_examples
+        count = torch.tensor([float(self.engine.num_examples)])
         sums = self.engine.release()
+        all_reduce_sum([*sums, count])  # data parallel: the ranks' clipped sums (noise is on rank 0 only)
+        self.last_batch_size = int(count.item())
         if self.noise_multiplier is None:
             for s in sums:
                 s.div_(max(self.last_batch_size, 1))
@@ -145,11 +148,14 @@ class PrivateOptimizer(Optimizer):
         alloc = self.allocation
         noisy = None
         if alloc.adaptive:
-            counts = self.engine.take_unclipped()
-            generator = self._streams[0][0]
-            device = generator.device if generator is not None else counts.device
-            noise = torch.randn(counts.shape, dtype=counts.dtype, device=device, generator=generator)
-            noisy = counts + alloc.count_sigma * noise.cpu()
+            noisy = self.engine.take_unclipped()
+            all_reduce_sum([noisy])
+            if rank_world()[0] == 0:
+                generator = self._streams[0][0]
+                device = generator.device if generator is not None else noisy.device
+                noise = torch.randn(noisy.shape, dtype=noisy.dtype, device=device, generator=generator)
+                noisy += alloc.count_sigma * noise.cpu()
+            broadcast(noisy)
         alloc.observe(self.engine.params, sums, unclipped=noisy, expected_batch_size=self.expected_batch_size)
         if alloc.adaptive:
             self.engine.set_group_clips(alloc.clip_norms)
@@ -157,7 +163,9 @@ class PrivateOptimizer(Optimizer):
     def _fill_noise(self, sums: list[Tensor]) -> None:
         """sums[i] ← N(0, σ²C²) in place (a logical batch opens; σₖCₖ of its group under an
         allocation), each stream drawing its own parameters."""
-        if self.allocation is not None:
+        if rank_world()[0] != 0:  # data parallel: the noise is drawn once, on rank 0
+            stds = [0.0] * len(sums)
+        elif self.allocation is not None:
             stds = self.allocation.param_noise_stds()
         else:
             stds = [float(self.noise_multiplier or 0.0) * float(self.engine.clip_norm or 0.0)] * len(sums)

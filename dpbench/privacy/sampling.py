@@ -43,10 +43,15 @@ class _StepSampler(Sampler[list[int]]):
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[list[int]]:
+        """Batch k of the whole dataset; under data parallelism each rank yields its slice ``[rank::world]``
+        of the same logical batch (the process group is read when iteration starts)."""
+        from dpbench.privacy.distributed import rank_world
+
+        rank, world = rank_world()
         start, self._resume_at = self._resume_at, 0
         self._yielded = start
         for step in range(start, self.steps):
-            batch = self._batch(step)
+            batch = self._batch(step)[rank::world]
             self._yielded = step + 1
             yield batch
 
