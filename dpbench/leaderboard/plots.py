@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 from dpbench.leaderboard.aggregate import Row
 
@@ -20,6 +21,17 @@ def _label(r: Row) -> str:
     return f"{r.method} ({r.model})" if r.trainable_set in ("", "full") else f"{r.method}/{r.trainable_set} ({r.model})"
 
 
+def _lines(ax, rows: list[Row], label: Callable[[Row], str], x: Callable[[Row], float], marker: str) -> None:
+    """One error-bar line (mean ± std over seeds) per label, points sorted by x."""
+    lines: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        lines[label(r)].append(r)
+    for name, pts in sorted(lines.items()):
+        pts.sort(key=x)
+        ax.errorbar([x(r) for r in pts], [r.mean for r in pts], yerr=[r.std or 0 for r in pts],
+                    marker=marker, capsize=3, label=name)
+
+
 def privacy_utility(rows: list[Row], out: Path) -> list[Path]:
     """One plot per task: metric vs ε (log axis), one line per method, non-private runs as dashed lines."""
     plt = _pyplot()
@@ -30,13 +42,7 @@ def privacy_utility(rows: list[Row], out: Path) -> list[Path]:
         if not private:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
-        lines: dict[str, list[Row]] = defaultdict(list)
-        for r in private:
-            lines[_label(r)].append(r)
-        for label, pts in sorted(lines.items()):
-            pts.sort(key=lambda r: r.target_epsilon)
-            ax.errorbar([r.target_epsilon for r in pts], [r.mean for r in pts], yerr=[r.std or 0 for r in pts],
-                        marker="o", capsize=3, label=label)
+        _lines(ax, private, _label, lambda r: r.target_epsilon, "o")
         for r in mine:
             if r.target_epsilon is None:
                 ax.axhline(r.mean, linestyle="--", color="grey", linewidth=1)
@@ -60,16 +66,10 @@ def sparsity_metric(rows: list[Row], out: Path) -> list[Path]:
     paths = []
     for task in sorted({r.task for r in rows if r.sparsity is not None}):
         fig, ax = plt.subplots(figsize=(6, 4))
-        lines: dict[str, list[Row]] = defaultdict(list)
-        for r in rows:
-            if r.task == task and r.mean is not None and r.sparsity is not None:
-                lines[f"{_label(r)}, ε={r.eps_label}"].append(r)
-        for label, pts in sorted(lines.items()):
-            pts.sort(key=lambda r: r.sparsity)
-            ax.errorbar([r.sparsity for r in pts], [r.mean for r in pts], yerr=[r.std or 0 for r in pts],
-                        marker="s", capsize=3, label=label)
+        mine = [r for r in rows if r.task == task and r.mean is not None and r.sparsity is not None]
+        _lines(ax, mine, lambda r: f"{_label(r)}, ε={r.eps_label}", lambda r: r.sparsity, "s")
         ax.set_xlabel("sparsity (fraction of prunable weights removed)")
-        ax.set_ylabel(next(iter(lines.values()))[0].metric if lines else "metric")
+        ax.set_ylabel(mine[0].metric if mine else "metric")
         ax.set_title(f"{task}: sparsity vs utility")
         ax.legend(fontsize=7)
         paths.append(_save(fig, out / f"sparsity_{task}.png"))
