@@ -29,6 +29,14 @@ def cells(r: Row, short: bool = True) -> list[str]:
             _num(r.sparsity, ".2f"), _num(r.latency_speedup, ".2f"), _num(r.audit_lower, ".2f")]
 
 
+def _shown(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """The columns with a value in some row (e.g. no sparsity column without compressed runs), and the cells."""
+    table = [cells(r) for r in rows]
+    keep = [i for i, col in enumerate(COLUMNS)
+            if i < 11 or any(row[i] not in ("", "—") for row in table)]
+    return [COLUMNS[i] for i in keep], [[row[i] for i in keep] for row in table]
+
+
 def _reason_lines(rejected: list[Verdict]) -> list[tuple[str, str]]:
     return [(v.source, "; ".join(v.reasons)) for v in rejected]
 
@@ -38,19 +46,21 @@ def terminal(rows: list[Row], rejected: list[Verdict], console) -> None:
 
     table = Table(title=f"dpbench leaderboard: {len(rows)} configurations, "
                         f"{sum(r.n for r in rows)} verified runs", show_lines=False)
-    for col in COLUMNS:
+    columns, body = _shown(rows)
+    for col in columns:
         table.add_column(col, justify="left" if col in COLUMNS[1:5] + ("metric", "paper") else "right",
                          overflow="fold", no_wrap=col != "paper", max_width=30 if col == "paper" else None)
-    for r in rows:
-        table.add_row(*cells(r))
+    for row in body:
+        table.add_row(*row)
     console.print(table)
     for source, why in _reason_lines(rejected):
         console.print(f"[red]rejected[/red] {source}: {why}")
 
 
 def markdown(rows: list[Row], rejected: list[Verdict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in cells(r)) + " |" for r in rows]
+    columns, body = _shown(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
     if rejected:
         lines += ["", "Rejected runs:", ""] + [f"- `{s}`: {why}" for s, why in _reason_lines(rejected)]
     return "\n".join(lines) + "\n"
