@@ -45,7 +45,7 @@ def _save_atomic(obj: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _trainable_state(module: L.LightningModule) -> dict[str, torch.Tensor]:
+def _module_state(module: L.LightningModule) -> dict[str, torch.Tensor]:
     """The module's full state (weights, buffers, masks): small models here, and it makes loading exact."""
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
@@ -112,7 +112,7 @@ class StageCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         _save_atomic({"version": FORMAT_VERSION, "fingerprint": self.expected,
-                      "steps_done": trainer.optimizers[0].steps, "module": _trainable_state(module),
+                      "steps_done": trainer.optimizers[0].steps, "module": _module_state(module),
                       "optimizer": trainer.optimizers[0].state_dict(),
                       "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
                       "rng": torch.get_rng_state(),
