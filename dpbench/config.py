@@ -18,6 +18,7 @@ BOUNDS: dict[str, tuple[str, Callable[[float], bool], str]] = {
     "method.budget_split": ("in (0, 1)", lambda x: 0 < x < 1, "0.5"),
     "method.kd.lam": ("in [0, 1]", lambda x: 0 <= x <= 1, "0.4"),
     "method.kd.temperature": ("> 0", lambda x: x > 0, "1.0"),
+    "method.kd.alpha": (">= 0", lambda x: x >= 0, "0.0"),
 }
 
 

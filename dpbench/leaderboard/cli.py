@@ -11,7 +11,6 @@ logged stages; rejected runs are listed with the reason, never in the table (``-
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,21 +26,24 @@ def _fail(msg: str) -> None:
     raise SystemExit(2)
 
 
-def _runs_folder(path: Path) -> Path:
+def _verdicts(path: Path) -> list:
+    """Every run record under ``path``, verified; a one-line error when there is none."""
+    from dpbench.leaderboard.verify import load_verdicts
+
     if not path.is_dir():
         _fail(f"'{path}' is not a folder; pass the folder of your runs (e.g. outputs/)")
-    if not any(path.rglob(RESULTS_FILE)):
+    verdicts = load_verdicts(path)
+    if not verdicts:
         _fail(f"no {RESULTS_FILE} under '{path}'; run `dpbench` first")
-    return path
+    return verdicts
 
 
 def board(args: argparse.Namespace) -> int:
     from dpbench.leaderboard.aggregate import aggregate
     from dpbench.leaderboard.baselines import join, load_baselines
-    from dpbench.leaderboard.verify import load_verdicts
     from dpbench.leaderboard import render
 
-    verdicts = load_verdicts(_runs_folder(args.dir))
+    verdicts = _verdicts(args.dir)
     ok = [v for v in verdicts if v.ok]
     rejected = [v for v in verdicts if not v.ok]
     rows = aggregate((v.record, v.epsilon_recomputed) for v in ok)
@@ -82,7 +84,7 @@ def submit(args: argparse.Namespace) -> int:
     from dpbench.leaderboard.submission import pack
     from dpbench.results.io import write_json_atomic
 
-    sub, rejected = pack(_runs_folder(args.dir), args.name or args.dir.resolve().name)
+    sub, rejected = pack(args.dir, _verdicts(args.dir), args.name or args.dir.resolve().name)
     for v in rejected:
         print(f"left out {v.source}: {'; '.join(v.reasons)}", file=sys.stderr)
     if not sub["runs"]:

@@ -52,11 +52,8 @@ def privacy_utility(rows: list[Row], out: Path) -> list[Path]:
         ticks = sorted({r.target_epsilon for r in private})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
-        ax.set_xlabel("ε (target; δ as logged)")
-        ax.set_ylabel(private[0].metric)
-        ax.set_title(f"{task}: privacy–utility (mean ± std over seeds)")
-        ax.legend(fontsize=7)
-        paths.append(_save(fig, out / f"privacy_utility_{task}.png"))
+        paths.append(_finish(fig, ax, "ε (target; δ as logged)", private[0].metric,
+                             f"{task}: privacy–utility (mean ± std over seeds)", out / f"privacy_utility_{task}.png"))
     return paths
 
 
@@ -68,11 +65,9 @@ def sparsity_metric(rows: list[Row], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         mine = [r for r in rows if r.task == task and r.mean is not None and r.sparsity is not None]
         _lines(ax, mine, lambda r: f"{_label(r)}, ε={r.eps_label}", lambda r: r.sparsity, "s")
-        ax.set_xlabel("sparsity (fraction of prunable weights removed)")
-        ax.set_ylabel(mine[0].metric if mine else "metric")
-        ax.set_title(f"{task}: sparsity vs utility")
-        ax.legend(fontsize=7)
-        paths.append(_save(fig, out / f"sparsity_{task}.png"))
+        paths.append(_finish(fig, ax, "sparsity (fraction of prunable weights removed)",
+                             mine[0].metric if mine else "metric", f"{task}: sparsity vs utility",
+                             out / f"sparsity_{task}.png"))
     return paths
 
 
@@ -92,6 +87,15 @@ def speed_memory(rows: list[Row], out: Path) -> list[Path]:
     a.tick_params(axis="y", labelsize=7)
     fig.suptitle("speed and memory (mean over seeds)")
     return [_save(fig, out / "speed_memory.png")]
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Label a line plot, add its legend, and save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

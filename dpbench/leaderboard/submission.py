@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from dpbench.leaderboard.aggregate import group_key
-from dpbench.leaderboard.verify import Verdict, load_verdicts, verify_record
-from dpbench.results.io import RESULTS_FILE, versions, write_json_atomic
+from dpbench.leaderboard.verify import Verdict, verify_record
+from dpbench.results.io import RESULTS_FILE, read_json, versions, write_json_atomic
 
 FORMAT = "dpbench-submission"
 FORMAT_VERSION = 1
@@ -30,9 +30,9 @@ def config_hash(config: dict[str, Any]) -> str:
                           .encode()).hexdigest()
 
 
-def pack(root: Path, name: str) -> tuple[dict[str, Any], list[Verdict]]:
-    """The submission of every verified run under ``root``, and the rejected verdicts left out of it."""
-    verdicts = load_verdicts(root)
+def pack(root: Path, verdicts: list[Verdict], name: str) -> tuple[dict[str, Any], list[Verdict]]:
+    """The submission of the verified runs among ``verdicts`` (found under ``root``), and the rejected
+    verdicts left out of it."""
     ok = [v for v in verdicts if v.ok]
     runs = [{"config_hash": config_hash(v.record["config"]), "source": str(Path(v.source).relative_to(root)),
              "record": v.record} for v in ok]
@@ -83,7 +83,7 @@ def validate(sub: Any, min_seeds: int = 1) -> Review:
 
 def read_submission(path: Path) -> Any:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return read_json(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return {"_error": str(e)}
 

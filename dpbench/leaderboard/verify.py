@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dpbench.errors import PrivacyError
 from dpbench.privacy.accounting import Stage, epsilon_upper
-from dpbench.results.io import RESULTS_FILE
+from dpbench.results.io import RESULTS_FILE, read_json
 
 # A claim may sit below the recomputed bound by float noise only (same accountant, same inputs).
 REL_TOL = 1e-6
@@ -164,7 +164,7 @@ def load_verdicts(root: Path) -> list[Verdict]:
     out = []
     for path in sorted(Path(root).rglob(RESULTS_FILE)):
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = read_json(path)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             out.append(Verdict(str(path), {}, [f"unreadable: {e}"]))
             continue

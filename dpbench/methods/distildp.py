@@ -114,10 +114,8 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     m, seed = cfg.method, int(cfg.seed)
     if m.pipeline not in PIPELINES:
         raise ConfigError(f"method.pipeline '{m.pipeline}' is unknown; choose one of: {', '.join(PIPELINES)}")
-    kd = m.kd
+    kd = m.kd  # ranges checked by dpbench.config.validate
     lam, temperature, alpha = float(kd.lam), float(kd.temperature), float(kd.get("alpha", 0.0))
-    if not 0 <= lam <= 1 or temperature <= 0 or alpha < 0:
-        raise ConfigError(f"method.kd needs lam in [0, 1], temperature > 0, alpha >= 0 (got {lam}, {temperature}, {alpha})")
     train, held_out, codes = load_generation_task(cfg.task, seed)
     private = PrivateCorpus(train)
     teacher = load_causal_lm(cfg.model)

@@ -132,9 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     """``dpbench-audit RESULTS.json``: audit the mechanism a run recorded; exit 1 if the audit's lower
     bound exceeds the ε the run claims."""
     import argparse
-    import json
     import sys
     from pathlib import Path
+
+    from dpbench.results.io import read_json
 
     parser = argparse.ArgumentParser(prog="dpbench-audit", description=main.__doc__)
     parser.add_argument("results", type=Path, help="a run's results.json")
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--confidence", type=float, default=0.95)
     args = parser.parse_args(argv)
     try:
-        record = json.loads(args.results.read_text(encoding="utf-8"))
+        record = read_json(args.results)
         privacy = record["privacy"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"dpbench-audit: error: cannot read a run record from '{args.results}' ({e}); pass a results.json",

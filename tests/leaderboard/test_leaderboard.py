@@ -162,7 +162,7 @@ def test_submit_validate_merge_round_trip(tmp_path: Path, capsys) -> None:
     runs = tmp_path / "runs"
     for s in range(3):
         write(runs, f"dp_{s}", run_record(seed=s, acc=0.8))
-    sub, rejected = pack(runs, "team")
+    sub, rejected = pack(runs, load_verdicts(runs), "team")
     assert not rejected and len(sub["runs"]) == 3
     assert validate(sub, min_seeds=3).accepted
     assert not validate(sub, min_seeds=4).accepted
