@@ -132,8 +132,11 @@ def _worker(model_key: str, config: str, seq_len: int, batch: int, warmup: int) 
     import torch
     import transformers
 
+    from dpbench.allocator import reuse_freed_memory
+
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    reuse_freed_memory()  # as `dpbench` runs do (unless DPBENCH_SYSTEM_MALLOC is set)
     if os.environ.get("DPBENCH_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["DPBENCH_BENCH_THREADS"]))
     s = build(model_key, config, seq_len, batch)
@@ -148,8 +151,9 @@ def _worker(model_key: str, config: str, seq_len: int, batch: int, warmup: int) 
 
 
 def measure_cell(model_key: str, seq_len: int, batch: int, repeats: int, configs: list[str], warmup: int = 3
-                 ) -> tuple[dict[str, float], dict[str, float], dict[str, dict[str, float]]]:
-    """Median step time of each configuration and each DP one's ratio to its baseline, plus memory.
+                 ) -> tuple[dict[str, float], dict[str, float], dict[str, float], dict[str, dict[str, float]]]:
+    """Median step time of each configuration, each DP one's ratio to its baseline and that baseline's
+    median over the steps paired with it, plus memory.
 
     Baseline workers live for the whole cell; each DP configuration's worker is started in turn and
     its steps alternate with its baseline's (``repeats`` pairs), so every ratio is measured side by
@@ -158,6 +162,7 @@ def measure_cell(model_key: str, seq_len: int, batch: int, repeats: int, configs
     bases = {c: Worker(model_key, c, seq_len, batch, warmup) for c in needed if CONFIGS[c][2] is None}
     times: dict[str, list[float]] = {c: [] for c in needed}
     ratios: dict[str, float] = {}
+    paired_base: dict[str, float] = {}
     memory: dict[str, dict[str, float]] = {}
     for c in needed:
         base = CONFIGS[c][2]
@@ -169,13 +174,14 @@ def measure_cell(model_key: str, seq_len: int, batch: int, repeats: int, configs
             for w in pair:
                 (paired if w is bases[base] else times[c]).append(w.step())
         times[base] += paired
-        ratios[c] = statistics.median(times[c]) / statistics.median(paired)
+        paired_base[c] = statistics.median(paired)
+        ratios[c] = statistics.median(times[c]) / paired_base[c]
         memory[c] = worker.close()
     for c, worker in bases.items():
         if not times[c]:  # no DP configuration was compared with it
             times[c] = [worker.step() for _ in range(repeats)]
         memory[c] = worker.close()
-    return {c: statistics.median(times[c]) for c in needed}, ratios, memory
+    return {c: statistics.median(times[c]) for c in needed}, ratios, paired_base, memory
 
 
 def calibration_time() -> tuple[float, float]:
@@ -189,15 +195,17 @@ def calibration_time() -> tuple[float, float]:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| model | T | B | configuration | step s | × non-private | peak RSS MiB | growth MiB | × non-private (growth) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | T | B | configuration | step s | paired non-private s | × non-private | peak RSS MiB | growth MiB "
+             "| × non-private (growth) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         t, m = r["time"], r["memory"]
         for c in t:
             base = CONFIGS[c][2]
             rt = f"{r['ratio'][c]:.2f}×" if base else "1.00×"
+            pb = f"{r['paired'][c]:.3f}" if base else "—"
             rm = f"{m[c]['growth_mb'] / max(m[base]['growth_mb'], 1e-9):.2f}×" if base else "—"
-            lines.append(f"| {r['model']} | {r['T']} | {r['B']} | {c} | {t[c]:.3f} | {rt} | "
+            lines.append(f"| {r['model']} | {r['T']} | {r['B']} | {c} | {t[c]:.3f} | {pb} | {rt} | "
                          f"{m[c]['peak_mb']:.0f} | {m[c]['growth_mb']:.0f} | {rm} |")
     return "\n".join(lines)
 
@@ -214,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="subset of: " + ", ".join(CONFIGS))
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration before timing")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc malloc's defaults (by default the workers reuse freed memory, as runs do)")
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown table here")
     args = parser.parse_args(argv)
     import torch
@@ -221,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    if args.system_malloc:
+        os.environ["DPBENCH_SYSTEM_MALLOC"] = "1"  # for the workers
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["DPBENCH_BENCH_THREADS"] = str(args.threads)  # for the workers
@@ -229,8 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     for cell in args.cells.split(","):
         model_key, t, b = cell.split(":")
         print(f"[bench] {model_key} T={t} B={b} ...", file=sys.stderr, flush=True)
-        times, ratios, memory = measure_cell(model_key, int(t), int(b), args.repeats, configs, args.warmup)
-        results.append({"model": model_key, "T": int(t), "B": int(b), "time": times, "ratio": ratios, "memory": memory})
+        times, ratios, paired, memory = measure_cell(model_key, int(t), int(b), args.repeats, configs, args.warmup)
+        results.append({"model": model_key, "T": int(t), "B": int(b), "time": times, "ratio": ratios,
+                        "paired": paired, "memory": memory})
         print(markdown(results[-1:]), file=sys.stderr, flush=True)
     cal_s, sigma = calibration_time()
     table = markdown(results)

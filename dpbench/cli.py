@@ -92,6 +92,7 @@ def _run_job(cfg) -> None:
     from dpbench.errors import DPBenchError
     from dpbench.methods import get_runner
     from dpbench.pipeline import publish_record
+    from dpbench.allocator import reuse_freed_memory
     from dpbench.results.io import RESULTS_FILE, write_json_atomic
 
     _quiet()  # again: Hydra has just configured logging for the job
@@ -102,6 +103,8 @@ def _run_job(cfg) -> None:
     try:
         validate(cfg)
         check_sources(cfg)
+        if cfg.trainer.get("reuse_freed_memory", True):
+            reuse_freed_memory()
         threads = cfg.trainer.get("num_threads")
         if threads:
             import torch

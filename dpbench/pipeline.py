@@ -265,6 +265,7 @@ def run_stage(cfg: DictConfig, module: DPModule, data: L.LightningDataModule, pl
         accelerator=t.get("accelerator", "cpu"), devices=devices, strategy=strategy,
         precision=t.get("precision", "32-true"),
         max_epochs=1, max_steps=-1, num_sanity_val_steps=0, enable_checkpointing=False,
+        limit_val_batches=0,  # no validation inside fit: train_s times training only; validated once below
         use_distributed_sampler=False, logger=make_logger(cfg, out_dir, stage_name),
         log_every_n_steps=int(t.get("log_every_n_steps", 10)), enable_progress_bar=bool(t.get("progress_bar", True)),
         enable_model_summary=False, default_root_dir=str(out_dir), callbacks=[ckpt] if ckpt else None,
@@ -278,6 +279,7 @@ def run_stage(cfg: DictConfig, module: DPModule, data: L.LightningDataModule, pl
         trainer.fit(module, datamodule=data)
         steps = module.steps_taken
     train_s = time.perf_counter() - start + (ckpt.train_s_before if ckpt else 0.0)
+    trainer.limit_val_batches = 1.0
     trainer.validate(module, datamodule=data, verbose=False)
     if steps != plan.steps:
         raise RuntimeError(f"stage '{stage_name}' ran {steps} of {plan.steps} planned steps; not recording it as complete")

@@ -20,7 +20,12 @@ def test_bench_prints_table_with_ratios_to_the_same_run_baseline(tmp_path) -> No
     names = [r[3].strip() for r in rows]
     assert names == ["nonprivate full", "nonprivate bitfit", "dp full · bk (ours)", "dp bitfit · bk (ours)"]
     for r in rows:
-        step_s, ratio, peak, growth = float(r[4]), r[5].strip(), float(r[6]), float(r[7])
+        step_s, paired, ratio, peak, growth = float(r[4]), r[5].strip(), r[6].strip(), float(r[7]), float(r[8])
         assert step_s > 0 and peak > growth > 0
         assert re.fullmatch(r"\d+\.\d\d×", ratio)
+        if r[3].strip().startswith("dp"):  # the ratio is to the baseline steps paired with this row's
+            lo, hi = (step_s - 5e-4) / (float(paired) + 5e-4), (step_s + 5e-4) / (float(paired) - 5e-4)  # 3 decimals
+            assert lo - 0.005 <= float(ratio[:-1]) <= hi + 0.005
+        else:
+            assert paired == "—"
     assert "σ calibration" in out.read_text()

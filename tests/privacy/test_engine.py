@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
 from conftest import TEXTS, tiny_batch, tiny_model
 from dpbench.errors import PrivacyError
 from dpbench.methods.finetune import select_trainable
 from dpbench.privacy.engine import make_engine
 from dpbench.privacy.engine.base import clip_factors
+from dpbench.privacy.engine.rules.linear import instantiates
 from dpbench.privacy.sampling import microbatch_slices
 
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]  # (callable model, batch) → per-sample losses
@@ -147,3 +149,31 @@ def test_pruned_weights_match_naive_loop_and_get_no_noise(family: str) -> None:
         assert torch.all(released[module.weight_mask == 0] == 0)
         assert torch.all(released[module.weight_mask == 1] != 0)
     engine.close()
+
+
+class _Stack(torch.nn.Module):
+    """Linear → tanh → HF Conv1D on (B, T, d) inputs: both layer families, with widths that make
+    short sequences take the ghost path and long ones instantiate."""
+
+    def __init__(self, d: int, p: int) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(d, p)
+        self.out = Conv1D(d, p)  # (in=p, out=d)
+        torch.nn.init.normal_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.inp(x)))
+
+
+@pytest.mark.parametrize("seq_len, path", [(2, "ghost"), (24, "instantiated")])
+def test_linear_paths_match_naive_loop(seq_len: int, path: str) -> None:
+    """Short sequences: ghost norm and contraction; long ones: per-sample gradients kept from the
+    backward hook in place of A and G. Both equal the per-example loop."""
+    d, p = 8, 24
+    assert instantiates(seq_len, d, p) == (path == "instantiated")
+    assert instantiates(seq_len, p, d) == (path == "instantiated")
+    torch.manual_seed(0)
+    model = _Stack(d, p).double()
+    batch = {"x": torch.randn(6, seq_len, d, dtype=torch.float64), "labels": torch.zeros(6)}
+    target = torch.randn(seq_len, d, dtype=torch.float64)
+    check_against_naive(model, lambda m, b: (m(b["x"]) - target).pow(2).sum((1, 2)), batch, "bk")

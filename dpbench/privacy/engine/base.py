@@ -106,6 +106,12 @@ def _zero(sums: list[Tensor]) -> None:
         s.zero_()
 
 
-def weighted_sum(per_sample: Tensor, factors: Tensor) -> Tensor:
-    """Σᵢ factorsᵢ · per_sampleᵢ over the leading (batch) dimension."""
-    return torch.einsum("b,b...->...", factors.to(per_sample.dtype), per_sample)
+def add_weighted(out: Tensor, per_sample: Tensor, factors: Tensor) -> None:
+    """out += Σᵢ factorsᵢ · per_sampleᵢ over the leading (batch) dimension, in place: one matrix-vector
+    product, with no batch-sized temporary (``out`` contiguous, shaped like one per-sample slice)."""
+    out.view(-1).addmv_(per_sample.reshape(per_sample.shape[0], -1).T, factors.to(per_sample.dtype))
+
+
+def squared_norms(per_sample: Tensor) -> Tensor:
+    """‖per_sampleᵢ‖² for each i of the leading (batch) dimension, with no batch-sized temporary."""
+    return torch.linalg.vector_norm(per_sample.reshape(per_sample.shape[0], -1), dim=1).square()

@@ -11,7 +11,7 @@ from opacus import GradSampleModule
 from torch import Tensor, nn
 
 from dpbench.errors import PrivacyError
-from dpbench.privacy.engine.base import GradientEngine, clip_factors, weighted_sum
+from dpbench.privacy.engine.base import GradientEngine, add_weighted, clip_factors, squared_norms
 
 
 class OpacusEngine(GradientEngine):
@@ -45,10 +45,10 @@ class OpacusEngine(GradientEngine):
                 gs = torch.zeros((batch, *p.shape), dtype=p.dtype, device=p.device)
             samples.append(gs)
             p.grad_sample, p.grad = None, None
-        norms = torch.stack([g.reshape(batch, -1).pow(2).sum(1) for g in samples]).sum(0).sqrt()
+        norms = torch.stack([squared_norms(g) for g in samples]).sum(0).sqrt()
         factors = clip_factors(norms, self.clip_norm, self.clipping)
         for s, g in zip(sums, samples):
-            s.add_(weighted_sum(g, factors))
+            add_weighted(s, g, factors)
         return norms
 
     def close(self) -> None:

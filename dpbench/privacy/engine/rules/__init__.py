@@ -11,8 +11,15 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from dpbench.privacy.engine.base import add_weighted, squared_norms
+
 _BY_TYPE: dict[type, "LayerRule"] = {}
 _BY_SUFFIX: dict[str, "LayerRule"] = {}
+
+
+class PerSample(dict):
+    """Per-sample gradients by parameter name, each (B, *parameter shape): what a rule's ``on_grad``
+    may keep in place of (A, G) when they are no larger (e.g. a linear layer on long sequences)."""
 
 
 class LayerRule:
@@ -39,14 +46,14 @@ class LayerRule:
     def norms_sq(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor,
                  memo: dict | None = None) -> dict[str, Tensor]:
         """Per-sample squared gradient norm of each trainable parameter, shape (B,)."""
-        return {k: v.flatten(1).pow(2).sum(1) for k, v in self.per_sample_grads(module, names, a, g).items()}
+        return {k: squared_norms(v) for k, v in self.per_sample_grads(module, names, a, g).items()}
 
     def add_clipped(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor, c: Tensor,
                     out: dict[str, Tensor], memo: dict | None = None) -> None:
         """out[name] += Σᵢ cᵢ · (per-sample gradient of parameter ``name``), in place, for the names in ``out``."""
         for k, v in self.per_sample_grads(module, names, a, g).items():
             if k in out:
-                out[k].add_((v * c.view(-1, *[1] * (v.ndim - 1)).to(v.dtype)).sum(0))
+                add_weighted(out[k], v, c)
 
     def per_sample_grads(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -1,8 +1,14 @@
 """``nn.Linear`` (2-D or 3-D inputs) and Hugging Face's ``Conv1D`` (GPT-2: y = x W + b, W is (in, out)).
 
-Per-sample weight gradient for sample i is Gᵢᵀ Aᵢ (T×p by T×d). Its squared norm comes either from
-the ghost norm ⟨AᵢAᵢᵀ, GᵢGᵢᵀ⟩ (cost ~T²(d+p)) or from instantiating Gᵢᵀ Aᵢ (cost ~T·d·p), whichever
-is cheaper for the layer's shapes. The clipped sum is one contraction Σᵢ cᵢ GᵢᵀAᵢ.
+Per-sample weight gradient for sample i is Gᵢᵀ Aᵢ (T×p by T×d). Two paths, chosen per call by the
+shapes (:func:`instantiates`):
+
+- ghost (short sequences, T·(d+p) < d·p): A and G are kept; the squared norm is ⟨AᵢAᵢᵀ, GᵢGᵢᵀ⟩
+  (cost ~T²(d+p), the Gram AAᵀ shared by layers reading one input), and the clipped sum is one
+  contraction Σᵢ cᵢ GᵢᵀAᵢ — the matrix product a non-private backward makes for the weight gradient.
+- instantiated (long sequences): the per-sample gradients Gᵢᵀ Aᵢ (B·d·p values, no more than A and G)
+  are formed in the backward hook, as the output gradient arrives, and kept in place of A and G; the
+  norm and the clipped sum Σᵢ cᵢ (GᵢᵀAᵢ) then read them, so no second product over tokens is made.
 
 A weight pruned with ``torch.nn.utils.prune`` trains as ``weight_orig`` under the fixed mask M
 (weight = weight_orig ⊙ M), so its per-sample gradient is (GᵢᵀAᵢ) ⊙ M. The ghost norm cannot see a
@@ -15,7 +21,15 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from dpbench.privacy.engine.rules import LayerRule, as_3d, register
+from dpbench.privacy.engine.rules import LayerRule, PerSample, as_3d, register
+
+
+def instantiates(t: int, d: int, p: int) -> bool:
+    """Whether a layer call with T tokens, input width d and output width p keeps per-sample weight
+    gradients: when B·d·p values are no more than the B·T·(d+p) of A and G they replace. Then
+    instantiating (cost ~T·d·p, the same product the clipped sum needs anyway) also beats the ghost
+    norm (~T²(d+p))."""
+    return t > 1 and t * (d + p) >= d * p
 
 
 def _memoised(memo: dict | None, key: tuple, x: Tensor, make) -> Tensor:
@@ -30,14 +44,12 @@ def _memoised(memo: dict | None, key: tuple, x: Tensor, make) -> Tensor:
 
 
 def weight_norms_sq(a: Tensor, g: Tensor, memo: dict | None = None) -> Tensor:
-    """‖Gᵢᵀ Aᵢ‖²_F per sample, for a (B, T, d), g (B, T, p)."""
-    t, d, p = a.shape[1], a.shape[2], g.shape[2]
-    if t == 1:
+    """‖Gᵢᵀ Aᵢ‖²_F per sample, for a (B, T, d), g (B, T, p), by the ghost norm (the path of calls that
+    do not instantiate); AAᵀ is shared by layers reading the same input (q, k, v)."""
+    if a.shape[1] == 1:
         return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
-    if t * (d + p) < d * p:  # ghost norm; AAᵀ is shared by layers reading the same input (q, k, v)
-        aat = _memoised(memo, ("gram",), a, lambda: torch.bmm(a, a.transpose(1, 2)))
-        return (aat * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-    return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+    aat = _memoised(memo, ("gram",), a, lambda: torch.bmm(a, a.transpose(1, 2)))
+    return (aat * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
 
 
 def masked_weight_norms_sq(a: Tensor, g: Tensor, mask: Tensor, max_elems: int = 1 << 25) -> Tensor:
@@ -80,17 +92,23 @@ class LinearRule(LayerRule):
         return x.detach() if weight_name(names) else None
 
     def on_grad(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor
-                ) -> tuple[Tensor | None, Tensor]:
-        if weight_name(names):
-            return a, g
-        return None, as_3d(g).sum(1, keepdim=True)  # bias only: Σₜ gₜ is all that is needed
+                ) -> tuple[Tensor | None, Tensor | PerSample]:
+        w = weight_name(names)
+        if w is None:
+            return None, as_3d(g).sum(1, keepdim=True)  # bias only: Σₜ gₜ is all that is needed
+        a3, g3 = as_3d(a), as_3d(g)
+        if w == "weight" and instantiates(a3.shape[1], a3.shape[2], g3.shape[2]):
+            return None, PerSample(self.per_sample_grads(module, names, a3, g3))  # A and G are freed
+        return a, g
 
     def _mask(self, module: nn.Module) -> Tensor:
         """The pruning mask in (out, in) layout, matching Gᵢᵀ Aᵢ."""
         return module.weight_mask.T if self.transpose else module.weight_mask
 
-    def norms_sq(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor,
+    def norms_sq(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor | PerSample,
                  memo: dict | None = None) -> dict[str, Tensor]:
+        if isinstance(g, PerSample):
+            return super().norms_sq(module, names, a, g)
         g3 = as_3d(g)
         out = {}
         w = weight_name(names)
@@ -102,8 +120,10 @@ class LinearRule(LayerRule):
             out["bias"] = g3.sum(1).pow(2).sum(1)
         return out
 
-    def add_clipped(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor, c: Tensor,
-                    out: dict[str, Tensor], memo: dict | None = None) -> None:
+    def add_clipped(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor | PerSample,
+                    c: Tensor, out: dict[str, Tensor], memo: dict | None = None) -> None:
+        if isinstance(g, PerSample):
+            return super().add_clipped(module, names, a, g, c, out)
         g3 = as_3d(g)
         w = weight_name(names)
         if w in out:  # for weight_orig the engine masks the released sum
@@ -111,15 +131,17 @@ class LinearRule(LayerRule):
         if "bias" in out:
             out["bias"].add_(c.to(g3.dtype) @ g3.sum(1))
 
-    def per_sample_grads(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor) -> dict[str, Tensor]:
+    def per_sample_grads(self, module: nn.Module, names: frozenset[str], a: Tensor | None, g: Tensor | PerSample
+                         ) -> dict[str, Tensor]:
+        if isinstance(g, PerSample):
+            return g
         g3 = as_3d(g)
         out = {}
         w = weight_name(names)
-        if w:
-            grads = torch.bmm(g3.transpose(1, 2), as_3d(a))  # (B, p, d)
-            if w == "weight_orig":
-                grads = grads * self._mask(module).to(grads.dtype)
-            out[w] = grads.transpose(1, 2) if self.transpose else grads
+        if w:  # in the parameter's own layout: (B, p, d) for Linear, (B, d, p) for Conv1D
+            a3 = as_3d(a)
+            grads = torch.bmm(a3.transpose(1, 2), g3) if self.transpose else torch.bmm(g3.transpose(1, 2), a3)
+            out[w] = grads * module.weight_mask.to(grads.dtype) if w == "weight_orig" else grads
         if "bias" in names:
             out["bias"] = g3.sum(1)
         return out
