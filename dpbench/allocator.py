@@ -3,10 +3,11 @@
 PyTorch's CPU tensors come straight from ``malloc``. glibc serves large requests with fresh
 ``mmap``'d pages and unmaps them on ``free``, so every training step faults its activations,
 gradients and optimizer temporaries back in page by page. Measured here on MiniLM (2 threads):
-40–50k minor faults per step at T = 20 (B = 2 × 32) and 0.5–1M at T = 512 (B = 8), which made the
-steps 5% (non-private) to 8% (DP, book-keeping) slower at T = 20 and 26% to 34% slower at T = 512.
-With ``mmap`` off and a high trim threshold, freed blocks stay on the heap and the next step reuses
-them (next to no faults after the first steps).
+40–50k minor faults per step at T = 20 (B = 2 × 32) and 0.5–1M at T = 512 (B = 8). With ``mmap``
+off and a high trim threshold, freed blocks stay on the heap and the next step reuses them (next to
+no faults after the first steps): that cut the step time by 5% (non-private) to 8% (DP, book-keeping)
+at T = 20 and by 26–44% at T = 512, for 1–2% (T = 128) to 12–14% (T = 512) more peak RSS growth
+(docs/benchmarks.md).
 
 Memory freed after the peak is kept by the process until it exits or more than ``TRIM_BYTES`` are
 free at the top of the heap. ``trainer.reuse_freed_memory=false`` (or ``DPBENCH_SYSTEM_MALLOC=1``)
