@@ -11,7 +11,6 @@ loaded model).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess

@@ -89,10 +89,10 @@ def _run_job(cfg) -> None:
     from omegaconf import OmegaConf
 
     from dpbench.config import check_sources, validate
+    from dpbench.allocator import reuse_freed_memory
     from dpbench.errors import DPBenchError
     from dpbench.methods import get_runner
     from dpbench.pipeline import publish_record
-    from dpbench.allocator import reuse_freed_memory
     from dpbench.results.io import RESULTS_FILE, write_json_atomic
 
     _quiet()  # again: Hydra has just configured logging for the job

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from dpbench.errors import PrivacyError
-from dpbench.privacy.engine.base import GradientEngine, clip_factors
+from dpbench.privacy.engine.base import GradientEngine, add_weighted, clip_factors, squared_norms
 from dpbench.privacy.engine.rules import LayerRule, rule_for, trainable_names
 
 
@@ -141,7 +141,7 @@ class BookkeepingEngine(GradientEngine):
                         if pid in shared:
                             shared_grads[pid] = shared_grads[pid] + v if pid in shared_grads else v
         for pid, v in shared_grads.items():
-            norms_sq[:, self._group[pid]] += v.flatten(1).pow(2).sum(1)
+            norms_sq[:, self._group[pid]] += squared_norms(v)
         clip = float(self.clip_norm) if self._group_clip is None else self._group_clip.to(norms_sq)
         norms = norms_sq.clamp(min=0).sqrt()
         c = clip_factors(norms, clip, self.clipping)  # (B, groups)
@@ -152,8 +152,7 @@ class BookkeepingEngine(GradientEngine):
         per_group = [c[:, k].contiguous() for k in range(groups)]  # one factor tensor per clipping group
         acc = {id(p): s for p, s in zip(self.params, sums)}
         for pid, v in shared_grads.items():
-            cg = per_group[self._group[pid]]
-            acc[pid].add_((v * cg.view(-1, *[1] * (v.ndim - 1)).to(v.dtype)).sum(0))
+            add_weighted(acc[pid], v, per_group[self._group[pid]])
         for module, recs in calls.items():
             rule, names = self._rules[module], self._names[module]
             out = {n: acc[id(getattr(module, n))] for n in names if id(getattr(module, n)) not in shared}

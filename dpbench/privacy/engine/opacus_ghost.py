@@ -3,7 +3,6 @@ gets per-sample norms without per-sample gradients, a second backward of the re-
 Σᵢ cᵢ ℓᵢ gives the clipped sum. Two backward passes per micro-batch; flat clipping only."""
 from __future__ import annotations
 
-import torch
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import Tensor, nn
 
