@@ -18,12 +18,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 
 from dpbench.errors import PrivacyError
+
+if TYPE_CHECKING:
+    from dpbench.methods.base import DPModule
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -83,6 +86,12 @@ class StageCheckpoint(L.Callback):
     @property
     def finished(self) -> bool:
         return bool(self.state) and self.steps_done == int(self.expected["steps"])
+
+    def restore_finished(self, module: DPModule) -> None:
+        """A finished stage is loaded, not retrained: its weights (by :meth:`restore_weights`) and the
+        ANADP allocation state its last release left (σₖ, bounds), as later stages read them."""
+        if module.allocation is not None:
+            module.allocation.load_state_dict(self.state["optimizer"]["allocation"])
 
     def restore_weights(self, module: L.LightningModule) -> None:
         """Before fit: the weights, and the sampler positioned after the consumed batches."""

@@ -71,16 +71,28 @@ def check_composes(argv: list[str]) -> str | None:
     return check_writable(run_dir)
 
 
-def check_writable(folder: str) -> str | None:
-    """One-line message if no folder can be made at ``folder``: a temporary folder is made (and
-    removed) in its nearest existing ancestor, so a good path is left untouched."""
+def check_sweep_dir(argv: list[str]) -> str | None:
+    """For a sweep (``-m``), a one-line message if the ``hydra.sweep.dir`` given on the command line
+    cannot be written (before Hydra launches any job)."""
+    if not {"-m", "--multirun"} & set(argv):
+        return None
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "hydra.sweep.dir":
+            return check_writable(value.strip("'\""), option="hydra.sweep.dir")
+    return None
+
+
+def check_writable(folder: str, option: str = "hydra.run.dir") -> str | None:
+    """One-line message if no folder can be made at ``folder`` (set by ``option``): a temporary folder
+    is made (and removed) in its nearest existing ancestor, so a good path is left untouched."""
     probe = Path(folder).expanduser().absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".dpbench-probe-", dir=probe))
     except OSError as e:
-        return f"cannot write the output folder '{folder}' ({e.strerror}); set hydra.run.dir to a writable folder"
+        return f"cannot write the output folder '{folder}' ({e.strerror}); set {option} to a writable folder"
     return None
 
 
@@ -88,8 +100,8 @@ def _run_job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from dpbench.config import check_sources, validate
     from dpbench.allocator import reuse_freed_memory
+    from dpbench.config import check_sources, validate
     from dpbench.errors import DPBenchError
     from dpbench.methods import get_runner
     from dpbench.pipeline import publish_record
@@ -146,7 +158,8 @@ def _run_job(cfg) -> None:
 
 def main() -> None:
     _quiet()
-    problem = check_group_choices(sys.argv[1:]) or check_composes(sys.argv[1:])
+    argv = sys.argv[1:]
+    problem = check_group_choices(argv) or check_sweep_dir(argv) or check_composes(argv)
     if problem:
         print(f"dpbench: error: {problem}", file=sys.stderr)
         raise SystemExit(2)

@@ -273,8 +273,7 @@ def run_stage(cfg: DictConfig, module: DPModule, data: L.LightningDataModule, pl
     start = time.perf_counter()
     if ckpt is not None and ckpt.finished:  # trained before: load it, spend nothing
         steps = ckpt.steps_done
-        if module.allocation is not None:
-            module.allocation.load_state_dict(ckpt.state["optimizer"]["allocation"])
+        ckpt.restore_finished(module)
     else:
         trainer.fit(module, datamodule=data)
         steps = module.steps_taken

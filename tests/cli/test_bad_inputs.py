@@ -56,6 +56,7 @@ BAD_INPUTS = {
     "label_out_of_range": (["task=sst2", "task.data_dir={tmp}/label5"], "unknown label '5'"),
     # output
     "unwritable_output_folder": (["hydra.run.dir=/proc/dpbench_out"], "hydra.run.dir"),
+    "unwritable_sweep_folder": (["-m", "hydra.sweep.dir=/proc/dpbench_sweep", "seed=0,1"], "hydra.sweep.dir"),
 }
 
 
