@@ -22,10 +22,11 @@ import copy
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dpbench.compression.structured import copy_with_layers, transformer_layers
 from dpbench.data.generation import (ControlledCorpus, load_yelp, make_synthetic_corpus, prompt_ids,
@@ -36,6 +37,7 @@ from dpbench.methods.finetune import select_trainable
 from dpbench.methods.language_model import LMDistillModule, train_lm
 from dpbench.models.registry import LoadedModel, load_causal_lm
 from dpbench.pipeline import make_record, plan_privacy, plan_stages, privacy_record
+from dpbench.results.io import read_json, write_json_atomic
 from dpbench.results.schema import RunRecord
 
 PIPELINES = ("distildp", "dp_student", "dpkd")
@@ -104,6 +106,21 @@ def generate_synthetic(lm: LoadedModel, codes: list[str], g: DictConfig, seed: i
     return ControlledCorpus(drawn, [texts[i] for i in range(len(drawn))])
 
 
+def cached_synthetic(cache: Path | None, key: dict, make: Callable[[], ControlledCorpus]) -> ControlledCorpus:
+    """``make()``'s corpus, kept in ``cache`` (JSON) for a resumed run: loaded instead of regenerated
+    when the file was written under the same ``key`` (generation settings, seed, codes, teacher
+    steps). Generation is post-processing of the DP teacher, so regenerating spends no privacy; the
+    cache only saves its time."""
+    if cache is not None and cache.exists():
+        saved = read_json(cache)
+        if saved.get("key") == key:
+            return ControlledCorpus(saved["codes"], saved["texts"])
+    corpus = make()
+    if cache is not None:
+        write_json_atomic(cache, {"key": key, "codes": corpus.codes, "texts": corpus.texts})
+    return corpus
+
+
 def build_student(teacher: LoadedModel, s: DictConfig) -> LoadedModel:
     """A copy of ``teacher`` keeping ``s.layers`` (null → every other layer): same tokenizer and width."""
     return replace(teacher, model=copy_with_layers(teacher.model, s.get("layers")))
@@ -146,7 +163,11 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     private.seal()  # everything below is post-processing of the DP stages
 
     if m.pipeline == "distildp":
-        synthetic = generate_synthetic(teacher, codes, m.generation, seed)
+        resumable = int(cfg.trainer.get("checkpoint_every_n_steps") or 0) > 0
+        key = {"generation": OmegaConf.to_container(m.generation, resolve=True), "seed": seed, "codes": codes,
+               "teacher_steps": results["teacher"].steps}
+        synthetic = cached_synthetic(out_dir / "checkpoints" / "synthetic.json" if resumable else None, key,
+                                     lambda: generate_synthetic(teacher, codes, m.generation, seed))
         s_cfg = copy.deepcopy(cfg)
         s_cfg.method.optimizer = m.student_optimizer
         steps = max(1, round(float(m.student_epochs) * len(synthetic) / int(cfg.privacy.batch_size)))

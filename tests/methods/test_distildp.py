@@ -84,3 +84,23 @@ def test_run_fails_if_the_student_stage_reads_private_data(monkeypatch, tmp_path
         cfg = compose("config", overrides=["experiment=distildp_smoke", "trainer.max_steps=2"])
     with pytest.raises(PrivacyError):
         distildp.run(cfg, tmp_path)
+
+
+def test_synthetic_corpus_is_cached_for_a_resumed_run(tmp_path) -> None:
+    """With checkpointing, the generated corpus is written once and loaded on resume; other settings
+    (a different key) generate again."""
+    calls: list[int] = []
+
+    def make(n: int):
+        calls.append(n)
+        return make_synthetic_corpus(n)
+
+    cache = tmp_path / "checkpoints" / "synthetic.json"
+    key = {"generation": {"num_samples": 4}, "seed": 0, "codes": ["a"], "teacher_steps": 3}
+    first = distildp.cached_synthetic(cache, key, lambda: make(4))
+    again = distildp.cached_synthetic(cache, key, lambda: make(4))
+    assert calls == [4] and (again.codes, again.texts) == (first.codes, first.texts)
+    other = distildp.cached_synthetic(cache, {**key, "seed": 1}, lambda: make(5))
+    assert calls == [4, 5] and len(other) == 5
+    distildp.cached_synthetic(None, key, lambda: make(6))  # no checkpointing: nothing kept
+    assert calls == [4, 5, 6]
