@@ -5,9 +5,9 @@ PyTorch's CPU tensors come straight from ``malloc``. glibc serves large requests
 gradients and optimizer temporaries back in page by page. Measured here on MiniLM (2 threads):
 40–50k minor faults per step at T = 20 (B = 2 × 32) and 0.5–1M at T = 512 (B = 8). With ``mmap``
 off and a high trim threshold, freed blocks stay on the heap and the next step reuses them (next to
-no faults after the first steps): that cut the step time by 5% (non-private) to 8% (DP, book-keeping)
-at T = 20 and by 26–44% at T = 512, for 1–2% (T = 128) to 12–14% (T = 512) more peak RSS growth
-(docs/benchmarks.md).
+no faults after the first steps). In ``dpbench-bench`` (docs/benchmarks.md, against ``--system-malloc``)
+that took DP full from 1.23× to 1.15× of non-private at T = 128 and cut the T = 512 step by 41%
+(non-private) and 44% (DP), for 1–2% (T = 128) to 12–14% (T = 512) more peak RSS growth.
 
 Memory freed after the peak is kept by the process until it exits or more than ``TRIM_BYTES`` are
 free at the top of the heap. ``trainer.reuse_freed_memory=false`` (or ``DPBENCH_SYSTEM_MALLOC=1``)

@@ -150,9 +150,9 @@ def _worker(model_key: str, config: str, seq_len: int, batch: int, warmup: int) 
 
 
 def measure_cell(model_key: str, seq_len: int, batch: int, repeats: int, configs: list[str], warmup: int = 3
-                 ) -> tuple[dict[str, float], dict[str, float], dict[str, float], dict[str, dict[str, float]]]:
-    """Median step time of each configuration, each DP one's ratio to its baseline and that baseline's
-    median over the steps paired with it, plus memory.
+                 ) -> tuple[dict[str, float], dict[str, float], dict[str, dict[str, float]]]:
+    """Median step time of each configuration, each DP one's baseline median over the steps paired with
+    it (their ratio is the table's "× non-private"), plus memory.
 
     Baseline workers live for the whole cell; each DP configuration's worker is started in turn and
     its steps alternate with its baseline's (``repeats`` pairs), so every ratio is measured side by
@@ -160,7 +160,6 @@ def measure_cell(model_key: str, seq_len: int, batch: int, repeats: int, configs
     needed = list(dict.fromkeys([CONFIGS[c][2] or c for c in configs] + configs))
     bases = {c: Worker(model_key, c, seq_len, batch, warmup) for c in needed if CONFIGS[c][2] is None}
     times: dict[str, list[float]] = {c: [] for c in needed}
-    ratios: dict[str, float] = {}
     paired_base: dict[str, float] = {}
     memory: dict[str, dict[str, float]] = {}
     for c in needed:
@@ -174,13 +173,12 @@ def measure_cell(model_key: str, seq_len: int, batch: int, repeats: int, configs
                 (paired if w is bases[base] else times[c]).append(w.step())
         times[base] += paired
         paired_base[c] = statistics.median(paired)
-        ratios[c] = statistics.median(times[c]) / paired_base[c]
         memory[c] = worker.close()
     for c, worker in bases.items():
         if not times[c]:  # no DP configuration was compared with it
             times[c] = [worker.step() for _ in range(repeats)]
         memory[c] = worker.close()
-    return {c: statistics.median(times[c]) for c in needed}, ratios, paired_base, memory
+    return {c: statistics.median(times[c]) for c in needed}, paired_base, memory
 
 
 def calibration_time() -> tuple[float, float]:
@@ -201,7 +199,7 @@ def markdown(results: list[dict]) -> str:
         t, m = r["time"], r["memory"]
         for c in t:
             base = CONFIGS[c][2]
-            rt = f"{r['ratio'][c]:.2f}×" if base else "1.00×"
+            rt = f"{t[c] / r['paired'][c]:.2f}×" if base else "1.00×"
             pb = f"{r['paired'][c]:.3f}" if base else "—"
             rm = f"{m[c]['growth_mb'] / max(m[base]['growth_mb'], 1e-9):.2f}×" if base else "—"
             lines.append(f"| {r['model']} | {r['T']} | {r['B']} | {c} | {t[c]:.3f} | {pb} | {rt} | "
@@ -240,9 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     for cell in args.cells.split(","):
         model_key, t, b = cell.split(":")
         print(f"[bench] {model_key} T={t} B={b} ...", file=sys.stderr, flush=True)
-        times, ratios, paired, memory = measure_cell(model_key, int(t), int(b), args.repeats, configs, args.warmup)
-        results.append({"model": model_key, "T": int(t), "B": int(b), "time": times, "ratio": ratios,
-                        "paired": paired, "memory": memory})
+        times, paired, memory = measure_cell(model_key, int(t), int(b), args.repeats, configs, args.warmup)
+        results.append({"model": model_key, "T": int(t), "B": int(b), "time": times, "paired": paired,
+                        "memory": memory})
         print(markdown(results[-1:]), file=sys.stderr, flush=True)
     cal_s, sigma = calibration_time()
     table = markdown(results)

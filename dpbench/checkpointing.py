@@ -88,8 +88,8 @@ class StageCheckpoint(L.Callback):
         return bool(self.state) and self.steps_done == int(self.expected["steps"])
 
     def restore_finished(self, module: DPModule) -> None:
-        """A finished stage is loaded, not retrained: its weights (by :meth:`restore_weights`) and the
-        ANADP allocation state its last release left (σₖ, bounds), as later stages read them."""
+        """For a finished stage, loaded instead of retrained (its weights came with :meth:`restore_weights`):
+        the ANADP allocation state its last release left (σₖ, bounds), as later stages read them."""
         if module.allocation is not None:
             module.allocation.load_state_dict(self.state["optimizer"]["allocation"])
 
