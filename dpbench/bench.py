@@ -46,7 +46,7 @@ class Setup:
     labels: object
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str) -> float:
     """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc (Linux), in MiB. Unlike
     ``ru_maxrss``, the peak is not inherited from the parent that spawned the probe."""
     with open("/proc/self/status") as f:
@@ -97,34 +97,34 @@ class Worker:
     process made every step page-fault on memory another configuration had just released), while
     the parent still interleaves the steps of the configurations it compares."""
 
-    def __init__(self, model_key: str, config: str, seq_len: int, batch: int, warmup: int) -> None:
+    def __init__(self, config: str, args: list[str]) -> None:
         self.config = config
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dpbench.bench", "--_worker", model_key, config, str(seq_len), str(batch), str(warmup)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
-        self.loaded_mb = float(self._ask(None))
+        self.proc = subprocess.Popen([sys.executable, "-m", "dpbench.bench", "--_worker", *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, bufsize=1)
+        self.loaded_mb = float(self.ask(None))
 
-    def _ask(self, command: str | None) -> str:
+    def ask(self, command: str | None) -> str:
         if command is not None:
             self.proc.stdin.write(command + "\n")
             self.proc.stdin.flush()
         for line in self.proc.stdout:
-            if line.startswith(_TAG):
-                return line[len(_TAG):].strip()
+            if line.startswith(TAG):
+                return line[len(TAG):].strip()
         raise RuntimeError(f"bench worker for {self.config!r} exited with code {self.proc.wait()}")
 
     def step(self) -> float:
-        return float(self._ask("step"))
+        return float(self.ask("step"))
 
     def close(self) -> dict[str, float]:
         """Peak RSS over all its steps and its growth over the loaded model; ends the process."""
-        peak = float(self._ask("peak"))
+        peak = float(self.ask("peak"))
         self.proc.stdin.close()
         self.proc.wait()
         return {"peak_mb": peak, "growth_mb": peak - self.loaded_mb}
 
 
-_TAG = "@bench "
+TAG = "@bench "
 
 
 def _worker(model_key: str, config: str, seq_len: int, batch: int, warmup: int) -> None:
@@ -139,14 +139,18 @@ def _worker(model_key: str, config: str, seq_len: int, batch: int, warmup: int) 
     if os.environ.get("DPBENCH_BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["DPBENCH_BENCH_THREADS"]))
     s = build(model_key, config, seq_len, batch)
-    loaded = _status_mb("VmRSS")
+    loaded = status_mb("VmRSS")
     for _ in range(warmup):  # until the allocator's page faults settle (about 3 steps)
         step(s)
-    print(_TAG + str(loaded), flush=True)  # ready: nothing runs in this process until asked
+    print(TAG + str(loaded), flush=True)  # ready: nothing runs in this process until asked
     for line in sys.stdin:
         command = line.strip()
-        reply = step(s) if command == "step" else _status_mb("VmHWM") if command == "peak" else None
-        print(_TAG + str(reply), flush=True)
+        reply = step(s) if command == "step" else status_mb("VmHWM") if command == "peak" else None
+        print(TAG + str(reply), flush=True)
+
+
+def _synthetic_worker(model_key: str, config: str, seq_len: int, batch: int, warmup: int) -> Worker:
+    return Worker(config, ["synthetic", model_key, config, str(seq_len), str(batch), str(warmup)])
 
 
 def measure_cell(model_key: str, seq_len: int, batch: int, repeats: int, configs: list[str], warmup: int = 3
@@ -158,7 +162,7 @@ def measure_cell(model_key: str, seq_len: int, batch: int, repeats: int, configs
     its steps alternate with its baseline's (``repeats`` pairs), so every ratio is measured side by
     side while at most three models are in memory."""
     needed = list(dict.fromkeys([CONFIGS[c][2] or c for c in configs] + configs))
-    bases = {c: Worker(model_key, c, seq_len, batch, warmup) for c in needed if CONFIGS[c][2] is None}
+    bases = {c: _synthetic_worker(model_key, c, seq_len, batch, warmup) for c in needed if CONFIGS[c][2] is None}
     times: dict[str, list[float]] = {c: [] for c in needed}
     paired_base: dict[str, float] = {}
     memory: dict[str, dict[str, float]] = {}
@@ -166,7 +170,7 @@ def measure_cell(model_key: str, seq_len: int, batch: int, repeats: int, configs
         base = CONFIGS[c][2]
         if base is None:
             continue
-        worker, paired = Worker(model_key, c, seq_len, batch, warmup), []
+        worker, paired = _synthetic_worker(model_key, c, seq_len, batch, warmup), []
         for r in range(repeats):
             pair = (bases[base], worker) if r % 2 == 0 else (worker, bases[base])
             for w in pair:
@@ -209,8 +213,13 @@ def markdown(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--_worker"]:
-        _worker(argv[1], argv[2], int(argv[3]), int(argv[4]), int(argv[5]))
+    if argv[:2] == ["--_worker", "synthetic"]:
+        _worker(argv[2], argv[3], int(argv[4]), int(argv[5]), int(argv[6]))
+        return
+    if argv[:2] == ["--_worker", "data"]:
+        from dpbench.bench_data import _worker as data_worker
+
+        data_worker(argv[2:])
         return
     parser = argparse.ArgumentParser(prog="dpbench-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", default="minilm:32:32,minilm:128:32,minilm:512:32,bert_base:32:32,"
@@ -222,7 +231,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc malloc's defaults (by default the workers reuse freed memory, as runs do)")
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown table here")
+    real = parser.add_argument_group("real data (dpbench/bench_data.py): throughput of whole DP steps on a GLUE task")
+    real.add_argument("--task", default=None, help="a GLUE task (e.g. sst2); switches to the real-data mode")
+    real.add_argument("--data-dir", default=None, help="the task's local folder, e.g. ../shared/data/sst2")
+    real.add_argument("--model", default="minilm", choices=sorted(MODELS))
+    real.add_argument("--max-length", type=int, default=64)
+    real.add_argument("--batch-size", type=int, default=1000, help="expected logical (Poisson) batch size")
+    real.add_argument("--physical", type=int, default=64, help="examples per micro-batch")
+    real.add_argument("--physical-tokens", type=int, default=None, help="padded tokens per micro-batch (cap)")
+    real.add_argument("--clipping", default="automatic", choices=["flat", "automatic"])
+    real.add_argument("--clip-norm", type=float, default=0.1)
     args = parser.parse_args(argv)
+    if args.task:
+        return _data_main(args, argv)
     import torch
     import transformers
 
@@ -246,6 +267,31 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(results)
     footer = (f"\nσ calibration (n=67,349, B=1000, 3 epochs, ε=8, δ=1/(2n)): σ={sigma:.4f} in {cal_s:.2f} s\n"
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, command: dpbench-bench {' '.join(argv)}")
+    print(table + "\n" + footer)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n" + footer + "\n", encoding="utf-8")
+
+
+def _data_main(args: argparse.Namespace, argv: list[str]) -> None:
+    import torch
+
+    from dpbench.bench_data import CONFIGS as DATA_CONFIGS, DataCell, markdown as data_markdown, measure
+
+    if not args.data_dir:
+        raise SystemExit("dpbench-bench: error: --task needs --data-dir (the task's local folder)")
+    configs = [c.strip() for c in args.configs.split(",")] if args.configs != ",".join(CONFIGS) else list(DATA_CONFIGS)
+    unknown = [c for c in configs if c not in DATA_CONFIGS]
+    if unknown:
+        raise SystemExit(f"dpbench-bench: error: unknown configuration {unknown[0]!r}; choose from: "
+                         + ", ".join(DATA_CONFIGS))
+    cell = DataCell(args.model, args.task, args.data_dir, args.max_length, args.batch_size, args.physical,
+                    args.physical_tokens, args.clipping, args.clip_norm)
+    table = data_markdown(cell, measure(cell, configs, args.repeats, args.warmup))
+    footer = (f"\n{args.model} on {args.task} (T ≤ {args.max_length}, Poisson B = {args.batch_size}, "
+              f"{args.physical} per micro-batch, {args.clipping} clipping), {args.repeats} timed steps after "
+              f"{args.warmup} warm-up; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+              f"command: dpbench-bench {' '.join(argv)}")
     print(table + "\n" + footer)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

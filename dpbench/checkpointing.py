@@ -98,6 +98,8 @@ class StageCheckpoint(L.Callback):
         if not self.state:
             return
         module.load_state_dict(self.state["module"])
+        for k, v in self.state.get("throughput", {}).items():  # what the earlier segments processed
+            setattr(module.throughput, k, v)
         if self.sampler is not None:
             self.sampler.load_state_dict({"seed": self.expected["sampler_seed"],
                                           "num_batches_yielded": self.steps_done})
@@ -125,4 +127,5 @@ class StageCheckpoint(L.Callback):
                       "optimizer": trainer.optimizers[0].state_dict(),
                       "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
                       "rng": torch.get_rng_state(),
+                      "throughput": module.throughput.saved(),
                       "train_s": self.train_s_before + time.perf_counter() - self._t0}, self.path)

@@ -96,6 +96,44 @@ def check_writable(folder: str, option: str = "hydra.run.dir") -> str | None:
     return None
 
 
+def _task(cfg) -> None:
+    """Hydra's task function. In a sweep each job runs in a forked child process, so that its memory
+    (and its peak, ``memory.peak_rss_mb``), allocator state and RNG state are its own, as if run alone;
+    single runs (and data-parallel ones, which start their own processes) run here."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    devices = cfg.get("trainer", {}).get("devices", 1)
+    if HydraConfig.get().mode != RunMode.MULTIRUN or not hasattr(os, "fork") or devices not in (1, None):
+        return _run_job(cfg)
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the job
+        os.close(read_end)
+        code, message = 0, ""
+        try:
+            _run_job(cfg)
+            message = "\n".join(_failures)
+        except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+            import traceback
+
+            traceback.print_exc()
+            code, message = 1, f"{type(e).__name__}: {e}"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.write(write_end, message.encode())
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        message = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise RuntimeError(f"sweep job {HydraConfig.get().job.num} failed: {message or f'wait status {status}'}")
+    _failures.extend(line for line in message.splitlines() if line)
+
+
 def _run_job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -106,8 +144,10 @@ def _run_job(cfg) -> None:
     from dpbench.methods import get_runner
     from dpbench.pipeline import publish_record
     from dpbench.results.io import RESULTS_FILE, write_json_atomic
+    from dpbench.results.memory import start_job_peak
 
     _quiet()  # again: Hydra has just configured logging for the job
+    start_job_peak()  # the record's peak memory is this job's, also in a sweep
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     results = out_dir / RESULTS_FILE
     if results.exists():
@@ -165,7 +205,7 @@ def main() -> None:
         raise SystemExit(2)
     import hydra
 
-    app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_run_job)
+    app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_task)
     app()
     if _failures:
         raise SystemExit(2)

@@ -55,6 +55,11 @@ def validate(cfg: DictConfig) -> None:
         v = _num(cfg, key)
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key} must be an integer >= 1 (got {v})")
+    tokens = _num(cfg, "privacy.physical_batch_tokens")
+    if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
+        raise ConfigError(f"privacy.physical_batch_tokens must be an integer >= 1 or null (got {tokens})")
+    if not isinstance(_num(cfg, "privacy.group_by_length"), (bool, type(None))):
+        raise ConfigError(f"privacy.group_by_length must be true or false (got {_num(cfg, 'privacy.group_by_length')})")
     epochs, max_steps = _num(cfg, "privacy.epochs"), _num(cfg, "trainer.max_steps")
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
         raise ConfigError(f"trainer.max_steps must be an integer >= 1 or null (got {max_steps})")

@@ -18,19 +18,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpbench.checkpointing import StageCheckpoint, fingerprint
+from dpbench.data.batching import MicroBatching
 from dpbench.data.datamodule import Collator, EncodedDataset, TextDataModule
 from dpbench.data.examples import TextClassificationData
 from dpbench.data.glue import load_glue
 from dpbench.data.synthetic import make_synthetic
 from dpbench.data.tasks import TaskSpec, get_task_spec
 from dpbench.errors import ConfigError, DataError
-from dpbench.methods.base import ClassifierModule, DPConfig, DPModule, OptimConfig
+from dpbench.methods.base import ClassifierModule, DPConfig, DPModule, OptimConfig, Throughput
+from dpbench.methods.progress import StepProgressBar
 from dpbench.models.registry import LoadedModel
-from dpbench.privacy.accounting import Stage, calibrate_noise, compute_epsilon, default_delta
+from dpbench.privacy.accounting import Stage, calibrate_noise, compute_epsilon, default_delta, epsilon_upper
 from dpbench.privacy.allocation import AllocationConfig
 from dpbench.privacy.distributed import PrivateDDPStrategy
 from dpbench.privacy.sampling import PoissonBatchSampler, ShuffleBatchSampler
-from dpbench.results.io import git_info, peak_rss_mb, versions
+from dpbench.results.io import git_info, versions
+from dpbench.results.memory import memory_record
 from dpbench.results.schema import STATUS_OK, PrivacyRecord, RunRecord
 
 ACCOUNTANT = "prv"
@@ -160,6 +163,19 @@ class StageResult:
     steps: int
     module: DPModule = field(repr=False)
 
+    @property
+    def throughput(self) -> Throughput:
+        return self.module.throughput
+
+
+def batching_config(cfg: DictConfig) -> MicroBatching:
+    """How each logical batch is cut into micro-batches (``privacy.physical_batch_size``,
+    ``privacy.physical_batch_tokens``, ``privacy.group_by_length``)."""
+    p = cfg.privacy
+    tokens = p.get("physical_batch_tokens")
+    return MicroBatching(int(p.physical_batch_size), None if tokens is None else int(tokens),
+                         bool(p.get("group_by_length", True)))
+
 
 def make_sampler(plan: PrivacyPlan, n: int, seed: int):
     if plan.private:  # the sampling the accountant assumes: independent inclusion with rate q
@@ -232,25 +248,44 @@ def dp_config(cfg: DictConfig, plan: PrivacyPlan, seed: int) -> DPConfig | None:
 
 def train_classifier(cfg: DictConfig, lm: LoadedModel, spec: TaskSpec, train: TextClassificationData,
                      dev: TextClassificationData, plan: PrivacyPlan, out_dir: Path, *,
-                     stage_name: str = "train", seed: int = 0,
+                     stage_name: str = "train", seed: int = 0, prior_stages: Sequence[Stage] = (),
                      module_factory: Callable[..., ClassifierModule] = ClassifierModule) -> StageResult:
     """Train ``lm``'s trainable parameters under ``plan``, then evaluate on ``dev``.
 
     ``module_factory`` builds the Lightning module (a subclass with another per-sample loss, e.g.
-    distillation, keeps the same DP step)."""
-    module = module_factory(lm, spec, optim_config(cfg.method), dp_config(cfg, plan, seed),
-                            int(cfg.privacy.physical_batch_size), plan.steps)
+    distillation, keeps the same DP step). ``prior_stages``: the private stages run before this one
+    (for the ε shown while training)."""
+    module = module_factory(lm, spec, optim_config(cfg.method), dp_config(cfg, plan, seed), batching_config(cfg),
+                            plan.steps)
     data = TextDataModule(train, dev, lm.tokenizer, int(cfg.task.max_length), make_sampler(plan, len(train), seed),
                           eval_batch_size=int(cfg.trainer.get("eval_batch_size", 64)))
-    return run_stage(cfg, module, data, plan, out_dir, stage_name)
+    return run_stage(cfg, module, data, plan, out_dir, stage_name, prior_stages)
+
+
+def epsilon_meter(plan: PrivacyPlan, stage_name: str, prior_stages: Sequence[Stage], every: int
+                  ) -> Callable[[int, float], float]:
+    """ε (PRV upper bound) of ``prior_stages`` + this stage's first k steps at σ, recomputed every
+    ``every`` steps and at the last one (0.01–0.5 s a call) and held in between."""
+    last: dict[str, float] = {}
+
+    def spent(k: int, sigma: float) -> float:
+        if not last or k == 1 or k % every == 0 or k >= plan.steps:
+            stages = [*prior_stages, Stage(stage_name, sigma, plan.sample_rate, k)]
+            last["eps"] = epsilon_upper(stages, plan.delta)
+        return last["eps"]
+
+    return spent
 
 
 def run_stage(cfg: DictConfig, module: DPModule, data: L.LightningDataModule, plan: PrivacyPlan, out_dir: Path,
-              stage_name: str) -> StageResult:
+              stage_name: str, prior_stages: Sequence[Stage] = ()) -> StageResult:
     """Fit ``module`` for the plan's steps (one pass of the logical-batch sampler), then validate; the
     stage is recorded only when exactly the planned number of noised steps ran. With
     ``trainer.checkpoint_every_n_steps`` the stage checkpoints and resumes (:mod:`dpbench.checkpointing`)."""
     t = cfg.trainer
+    log_every = int(t.get("log_every_n_steps", 10))
+    if plan.private:
+        module.epsilon_spent = epsilon_meter(plan, stage_name, prior_stages, log_every)
     every = int(t.get("checkpoint_every_n_steps") or 0)
     ckpt = None
     if every > 0:
@@ -261,14 +296,16 @@ def run_stage(cfg: DictConfig, module: DPModule, data: L.LightningDataModule, pl
     strategy = "auto"
     if isinstance(devices, int) and devices > 1:  # data parallel: the private optimizer reduces (distributed.py)
         strategy = PrivateDDPStrategy(process_group_backend="gloo" if t.get("accelerator", "cpu") == "cpu" else None)
+    progress = bool(t.get("progress_bar", True))
+    callbacks = [c for c in (ckpt, StepProgressBar(stage_name) if progress else None) if c is not None]
     trainer = L.Trainer(
         accelerator=t.get("accelerator", "cpu"), devices=devices, strategy=strategy,
         precision=t.get("precision", "32-true"),
         max_epochs=1, max_steps=-1, num_sanity_val_steps=0, enable_checkpointing=False,
         limit_val_batches=0,  # no validation inside fit: train_s times training only; validated once below
         use_distributed_sampler=False, logger=make_logger(cfg, out_dir, stage_name),
-        log_every_n_steps=int(t.get("log_every_n_steps", 10)), enable_progress_bar=bool(t.get("progress_bar", True)),
-        enable_model_summary=False, default_root_dir=str(out_dir), callbacks=[ckpt] if ckpt else None,
+        log_every_n_steps=log_every, enable_progress_bar=progress,
+        enable_model_summary=False, default_root_dir=str(out_dir), callbacks=callbacks or None,
     )
     start = time.perf_counter()
     if ckpt is not None and ckpt.finished:  # trained before: load it, spend nothing
@@ -306,11 +343,23 @@ def privacy_record(stages: Sequence[Stage], delta: float | None, target: float |
                          epsilon_estimate=rep.estimate, epsilon_lower=rep.lower, epsilon_rdp=rep.rdp)
 
 
+def timing_record(results: Sequence[StageResult]) -> dict[str, Any]:
+    """``timing`` of a run's training stages: seconds and steps, and what they processed per second
+    (examples, real tokens; ``computed_tokens`` counts the padding the micro-batches carried)."""
+    train_s = sum(r.train_s for r in results)
+    total = Throughput()
+    for r in results:
+        total.examples += r.throughput.examples
+        total.tokens += r.throughput.tokens
+        total.computed_tokens += r.throughput.computed_tokens
+    return {"train_s": round(train_s, 3), "steps": sum(r.steps for r in results), **total.rates(train_s)}
+
+
 def make_record(cfg: DictConfig, *, metrics: dict[str, float], privacy: PrivacyRecord, params: dict[str, int],
-                train_s: float, steps: int, extra: dict[str, Any] | None = None) -> RunRecord:
+                results: Sequence[StageResult], extra: dict[str, Any] | None = None) -> RunRecord:
+    """The run's record; ``results`` are its training stages in order (timing is summed over them)."""
     return RunRecord(
         status=STATUS_OK, task=cfg.task.name, model=cfg.model.name, method=cfg.method.name, seed=int(cfg.seed),
         config=OmegaConf.to_container(cfg, resolve=True), metrics=metrics, privacy=privacy, params=params,
-        timing={"train_s": round(train_s, 3), "steps": steps}, memory={"peak_rss_mb": round(peak_rss_mb(), 1)},
-        versions=versions(), git=git_info(), extra=extra or {},
+        timing=timing_record(results), memory=memory_record(), versions=versions(), git=git_info(), extra=extra or {},
     )

@@ -1,8 +1,9 @@
 """Tokenised text-classification data served as logical batches from a batch sampler.
 
 The training loader yields *logical* batches (Poisson for DP, shuffled fixed-size otherwise);
-the method splits each into physical micro-batches. Examples are tokenised once up front and
-padded per batch to the longest sequence in it.
+the method cuts each into physical micro-batches by length (:mod:`dpbench.data.batching`). Examples
+are tokenised once up front and padded per batch to the longest sequence in it; evaluation batches
+group the dev set by length, so they carry little padding too.
 """
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from typing import Sequence
 import lightning as L
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from dpbench.data.batching import eval_batches
 from dpbench.data.examples import TextClassificationData
 
 
@@ -22,9 +25,14 @@ class EncodedDataset(Dataset):
 
     def __init__(self, data: TextClassificationData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
         enc = tokenizer(data.text_a, data.text_b, truncation=True, max_length=max_length)
-        self.input_ids: list[list[int]] = enc["input_ids"]
-        self.token_type_ids: list[list[int]] | None = enc.get("token_type_ids")
+        self.input_ids = [torch.tensor(ids, dtype=torch.long) for ids in enc["input_ids"]]
+        types = enc.get("token_type_ids")
+        self.token_type_ids = None if types is None else [torch.tensor(t, dtype=torch.long) for t in types]
         self.labels = list(data.labels)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -43,17 +51,18 @@ class Collator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, items: Sequence[dict]) -> dict[str, Tensor]:
-        length = max((len(it["input_ids"]) for it in items), default=1)
-        b = len(items)
-        ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((b, length), dtype=torch.long)
-        types = torch.zeros((b, length), dtype=torch.long)
-        for row, it in enumerate(items):
-            n = len(it["input_ids"])
-            ids[row, :n] = torch.tensor(it["input_ids"])
-            mask[row, :n] = 1
-            if "token_type_ids" in it:
-                types[row, :n] = torch.tensor(it["token_type_ids"])
+        if not items:
+            empty = torch.zeros((0, 1), dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty, "token_type_ids": empty,
+                    "labels": torch.zeros(0, dtype=torch.long)}
+        rows = [torch.as_tensor(it["input_ids"], dtype=torch.long) for it in items]
+        ids = pad_sequence(rows, batch_first=True, padding_value=self.pad_token_id)
+        mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+        if "token_type_ids" in items[0]:
+            types = pad_sequence([torch.as_tensor(it["token_type_ids"], dtype=torch.long) for it in items],
+                                 batch_first=True)
+        else:
+            types = torch.zeros_like(ids)
         labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
 
@@ -75,7 +84,8 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(self.train_set, batch_sampler=self.train_sampler, collate_fn=self.collate)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.dev_set, batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate)
+        return DataLoader(self.dev_set, batch_sampler=eval_batches(self.dev_set.lengths, self.eval_batch_size),
+                          collate_fn=self.collate)
 
     def state_dict(self) -> dict:
         return {"sampler": self.train_sampler.state_dict()} if hasattr(self.train_sampler, "state_dict") else {}

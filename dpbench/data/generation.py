@@ -5,7 +5,7 @@ structure, e.g. ``"Business Category: Restaurants | Review Stars: 5.0"``; the te
 A teacher LM is fine-tuned on documents with the loss on the text only, then generates text
 conditioned on ``prompt_ids(tokenizer, code)``.
 
-Tokenisation (:class:`LMCollator`, :func:`prompt_ids`), the same for every tokenizer:
+Tokenisation (:class:`LMCollator`, :func:`prompt_ids`; once per corpus), the same for every tokenizer:
 
 * The prefix ``code + CODE_SEPARATOR`` and the text are tokenised *separately* with
   ``add_special_tokens=False``, so the prefix ids do not depend on the text and generation
@@ -28,9 +28,11 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from dpbench.data.batching import eval_batches
 from dpbench.data.examples import subset_indices
 from dpbench.errors import ConfigError, DataError
 
@@ -211,7 +213,8 @@ class LMCollator:
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (all (B, T) long; labels are -100 on
     the prefix and on padding) and ``prefix_len`` (B,) long, the prefix tokens kept per row.
-    An empty list gives a (0, 1) batch.
+    An empty list gives a (0, 1) batch. :meth:`encode` tokenises (once per corpus, in
+    :class:`LMDataset`), :meth:`pad` batches encoded rows.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
@@ -228,52 +231,66 @@ class LMCollator:
             self._prefixes[code] = prompt_ids(self.tokenizer, code)
         return self._prefixes[code]
 
-    def __call__(self, docs: Sequence[tuple[str, str]]) -> dict[str, Tensor]:
-        b = len(docs)
-        bodies = self.tokenizer([t for _, t in docs], add_special_tokens=False)["input_ids"] if b else []
+    def encode(self, docs: Sequence[tuple[str, str]]) -> list[tuple[Tensor, int]]:
+        """(ids, prefix length kept) per document, truncated to ``max_length``."""
+        bodies = self.tokenizer([t for _, t in docs], add_special_tokens=False)["input_ids"] if docs else []
         rows = []
         for (code, _), body in zip(docs, bodies):
             prefix = self._prefix(code)
-            rows.append(((prefix + list(body) + self.eos)[: self.max_length], min(len(prefix), self.max_length)))
-        length = max((len(ids) for ids, _ in rows), default=1)
-        ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((b, length), dtype=torch.long)
-        labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
-        prefix_len = torch.zeros(b, dtype=torch.long)
-        for r, (row, p) in enumerate(rows):
-            n = len(row)
-            ids[r, :n] = torch.tensor(row, dtype=torch.long)
-            mask[r, :n] = 1
-            labels[r, p:n] = ids[r, p:n]
-            prefix_len[r] = p
+            ids = (prefix + list(body) + self.eos)[: self.max_length]
+            rows.append((torch.tensor(ids, dtype=torch.long), min(len(prefix), self.max_length)))
+        return rows
+
+    def pad(self, rows: Sequence[tuple[Tensor, int]]) -> dict[str, Tensor]:
+        if not rows:
+            empty = torch.zeros((0, 1), dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty, "labels": torch.full((0, 1), IGNORE_INDEX),
+                    "prefix_len": torch.zeros(0, dtype=torch.long)}
+        seqs = [ids for ids, _ in rows]
+        ids = pad_sequence(seqs, batch_first=True, padding_value=self.pad_token_id)
+        mask = pad_sequence([torch.ones_like(r) for r in seqs], batch_first=True)
+        prefix_len = torch.tensor([p for _, p in rows], dtype=torch.long)
+        pos = torch.arange(ids.shape[1])
+        labels = ids.masked_fill((pos < prefix_len[:, None]) | (mask == 0), IGNORE_INDEX)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prefix_len": prefix_len}
+
+    def __call__(self, docs: Sequence[tuple[str, str]]) -> dict[str, Tensor]:
+        return self.pad(self.encode(docs))
 
 
 class LMDataset(Dataset):
-    """A :class:`ControlledCorpus` as (code, text) items."""
+    """A :class:`ControlledCorpus` tokenised once, as :meth:`LMCollator.encode` rows."""
 
-    def __init__(self, corpus: ControlledCorpus) -> None:
-        self.corpus = corpus
+    def __init__(self, corpus: ControlledCorpus, collator: LMCollator) -> None:
+        self.rows = collator.encode(list(zip(corpus.codes, corpus.texts)))
 
     def __len__(self) -> int:
-        return len(self.corpus)
+        return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[str, str]:
-        return self.corpus.codes[i], self.corpus.texts[i]
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.rows[i]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids, _ in self.rows]
 
 
 def lm_loader(corpus: ControlledCorpus, tokenizer: PreTrainedTokenizerBase, max_length: int,
               batch_sampler: Sampler[list[int]] | None = None, batch_size: int | None = None,
               shuffle: bool = False) -> DataLoader:
-    """DataLoader of :class:`LMCollator` batches: from ``batch_sampler`` (lists of indices, e.g.
-    Poisson batches for DP) or fixed ``batch_size`` batches; give exactly one of the two."""
+    """DataLoader of :class:`LMCollator` batches of ``corpus`` (tokenised once): from ``batch_sampler``
+    (lists of indices, e.g. Poisson batches for DP) or ``batch_size`` batches (grouped by length, or
+    shuffled with ``shuffle``); give exactly one of the two."""
     collate = LMCollator(tokenizer, max_length)
     if (batch_sampler is None) == (batch_size is None):
         raise ConfigError("lm_loader needs exactly one of batch_sampler or batch_size")
-    if batch_sampler is not None:
-        if shuffle:
-            raise ConfigError("shuffle=True conflicts with batch_sampler; the sampler decides the order")
-        return DataLoader(LMDataset(corpus), batch_sampler=batch_sampler, collate_fn=collate)
-    if batch_size < 1:
+    if batch_sampler is not None and shuffle:
+        raise ConfigError("shuffle=True conflicts with batch_sampler; the sampler decides the order")
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
-    return DataLoader(LMDataset(corpus), batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
+    data = LMDataset(corpus, collate)
+    if batch_sampler is None and shuffle:
+        return DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=collate.pad)
+    if batch_sampler is None:
+        batch_sampler = eval_batches(data.lengths, batch_size)
+    return DataLoader(data, batch_sampler=batch_sampler, collate_fn=collate.pad)

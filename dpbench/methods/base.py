@@ -2,7 +2,8 @@
 and subclasses only give a per-sample loss and an evaluation (classification here; causal LMs in
 ``language_model.py``).
 
-A training step receives one logical batch, splits it into physical micro-batches, and hands each
+A training step receives one logical batch, cuts it into physical micro-batches by length
+(:mod:`dpbench.data.batching`: the logical batch and its clipped sum are unchanged), and hands each
 micro-batch's per-sample losses to the gradient engine (which clips and sums). Lightning then calls
 ``optimizer.step(closure)``; :class:`~dpbench.privacy.optimizer.PrivateOptimizer` runs the closure,
 adds the noise once for the logical batch and steps. ``backward`` is a no-op because the engine has
@@ -10,14 +11,16 @@ already done the backward passes inside the closure.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpbench.data.batching import MicroBatching, microbatches
 from dpbench.data.metrics import make_metrics
 from dpbench.data.tasks import TaskSpec
 from dpbench.models.registry import LoadedModel
@@ -25,7 +28,6 @@ from dpbench.errors import ConfigError
 from dpbench.privacy.allocation import AllocationConfig, NoiseAllocation, group_names
 from dpbench.privacy.engine import make_engine
 from dpbench.privacy.optimizer import PrivateOptimizer
-from dpbench.privacy.sampling import microbatch_slices
 
 
 @dataclass(frozen=True)
@@ -51,17 +53,58 @@ class DPConfig:
     allocation: AllocationConfig | None = None  # ANADP: per-group clipping and noise allocation
 
 
+def upcast(logits: Tensor) -> Tensor:
+    """Logits in at least float32 for the loss (half precision is raised; float64 stays float64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+@dataclass
+class Throughput:
+    """What training processed: examples, real tokens, tokens computed (with padding), and the wall
+    time between :meth:`start` and :meth:`stop` (summed over resumed fits)."""
+
+    examples: int = 0
+    tokens: int = 0
+    computed_tokens: int = 0
+    elapsed_s: float = 0.0
+    _since: float | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self.elapsed_s += time.perf_counter() - self._since
+            self._since = None
+
+    def seconds(self) -> float:
+        return self.elapsed_s + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+    def saved(self) -> dict[str, float]:
+        """The counts and seconds so far (a checkpoint keeps them; a resumed fit adds to them)."""
+        return {"examples": self.examples, "tokens": self.tokens, "computed_tokens": self.computed_tokens,
+                "elapsed_s": self.seconds()}
+
+    def rates(self, seconds: float) -> dict[str, float]:
+        """The ``timing`` fields of a record, for ``seconds`` of training."""
+        s = max(seconds, 1e-9)
+        return {"examples": self.examples, "tokens": self.tokens, "computed_tokens": self.computed_tokens,
+                "examples_per_s": round(self.examples / s, 3), "tokens_per_s": round(self.tokens / s, 1)}
+
+
 class DPModule(L.LightningModule):
     """The DP training step for ``lm.model``'s trainable parameters; subclasses give the per-sample
     loss and the evaluation."""
 
     def __init__(self, lm: LoadedModel, optim: OptimConfig, dp: DPConfig | None,
-                 physical_batch_size: int, total_steps: int) -> None:
+                 batching: MicroBatching, total_steps: int) -> None:
         super().__init__()
         self.lm, self.optim_cfg, self.dp = lm, optim, dp
         self.model = lm.model
-        self.physical_batch_size = physical_batch_size
+        self.batching = batching
         self.total_steps = total_steps
+        self.throughput = Throughput()
+        self.epsilon_spent: Callable[[int, float], float] | None = None  # (steps, σ) → ε so far, set by the pipeline
         self.engine = make_engine(dp.engine if dp else "none", self.model, dp.clip_norm if dp else None,
                                   dp.clipping if dp else "flat")
         self.allocation: NoiseAllocation | None = None
@@ -81,17 +124,38 @@ class DPModule(L.LightningModule):
         """One loss per example, shape (B,), computed through ``self.engine.module``."""
         raise NotImplementedError
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        n = batch["labels"].shape[0]
+    def accumulate(self, batch: dict[str, Tensor]) -> Tensor:
+        """Per-sample losses of one logical batch, micro-batch by micro-batch, into the engine (which
+        clips and sums them); returns the mean loss and counts examples and tokens."""
+        n = batch["attention_mask"].shape[0]
         total = torch.zeros((), device=self.device)
-        for sl in microbatch_slices(n, self.physical_batch_size):
-            losses = self.per_sample_loss({k: v[sl] for k, v in batch.items()})
+        for micro in microbatches(batch, self.batching):
+            losses = self.per_sample_loss(micro)
             self.engine.accumulate(losses)
             total += losses.detach().sum()
-        loss = total / max(n, 1)
-        self.log("train_loss", loss, prog_bar=True, batch_size=max(n, 1))
-        self.log("batch_size", float(n), prog_bar=True, batch_size=1)
+            self.throughput.computed_tokens += micro["attention_mask"].numel()
+        self.throughput.examples += n
+        self.throughput.tokens += int(batch["attention_mask"].sum())
+        return total / max(n, 1)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.accumulate(batch)
+        n = max(batch["attention_mask"].shape[0], 1)
+        self.log("train_loss", loss, prog_bar=True, batch_size=n)
+        seconds = self.throughput.seconds()
+        if seconds > 0:
+            self.log("examples_per_s", self.throughput.examples / seconds, prog_bar=True, batch_size=1)
+            self.log("tokens_per_s", self.throughput.tokens / seconds, batch_size=1)
+        if self.epsilon_spent is not None:  # ε of the steps taken so far, this one included
+            self.log("epsilon_spent", self.epsilon_spent(self.steps_taken + 1, self.effective_noise_multiplier),
+                     prog_bar=True, batch_size=1)
         return loss
+
+    def on_train_start(self) -> None:
+        self.throughput.start()
+
+    def on_train_end(self) -> None:
+        self.throughput.stop()
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         """Gradients were accumulated by the engine in ``training_step``; nothing to do."""
@@ -147,14 +211,14 @@ class ClassifierModule(DPModule):
     """Fine-tunes ``lm.model``'s trainable parameters on a classification task."""
 
     def __init__(self, lm: LoadedModel, spec: TaskSpec, optim: OptimConfig, dp: DPConfig | None,
-                 physical_batch_size: int, total_steps: int) -> None:
-        super().__init__(lm, optim, dp, physical_batch_size, total_steps)
+                 batching: MicroBatching, total_steps: int) -> None:
+        super().__init__(lm, optim, dp, batching, total_steps)
         self.spec = spec
         self.val_metrics = make_metrics(spec)
 
     def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
         logits = self.engine.module(**self.lm.inputs(batch)).logits
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        return F.cross_entropy(upcast(logits), batch["labels"], reduction="none")
 
     # -- evaluation ----------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

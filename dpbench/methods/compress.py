@@ -81,7 +81,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
             continue
         name = f"finetune{len(results)}"
         res = train_classifier(cfg, lm, spec, train, dev, next(plans), out_dir, stage_name=name,
-                               seed=int(cfg.seed) + len(results))
+                               seed=int(cfg.seed) + len(results), prior_stages=[r.stage for r in results if r.stage])
         results.append(res)
         history.append({"stage": name, "steps": res.steps, "metrics": res.metrics})
     make_permanent(lm.model)
@@ -93,6 +93,6 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     if structured:
         report["structure"] = structure(lm.model)
     return make_record(cfg, metrics=results[-1].metrics, privacy=privacy, params=lm.num_params(),
-                       train_s=sum(r.train_s for r in results), steps=sum(r.steps for r in results),
+                       results=results,
                        extra={"compression": report,
                               "data": {"train_examples": len(train), "dev_examples": len(dev)}})

@@ -153,7 +153,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
         results["teacher"] = train_lm(cfg, teacher, private.corpus, held_out, plans[0], out_dir,
                                       stage_name="teacher", seed=seed)
         results["student"] = train_lm(cfg, student, private.corpus, held_out, plans[1], out_dir,
-                                      stage_name="student", seed=seed + 1,
+                                      stage_name="student", seed=seed + 1, prior_stages=[results["teacher"].stage],
                                       module_factory=partial(distill, teacher=teacher.model))
         plan = plans[0]
     else:  # distildp
@@ -192,6 +192,5 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
                              "teacher_layers": len(transformer_layers(teacher.model)[2]) if teacher else None,
                              "stage_metrics": {k: r.metrics for k, r in results.items()}}
     return make_record(cfg, metrics=metrics, privacy=privacy, params=params,
-                       train_s=sum(r.train_s for r in results.values()),
-                       steps=sum(r.steps for r in results.values()),
+                       results=list(results.values()),
                        extra={**extra, "data": {"train_examples": len(train), "eval_examples": len(held_out)}})

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from dpbench.compression.report import compression_report
 from dpbench.compression.structured import copy_with_layers, encoder_layers, structure, structured_prune
 from dpbench.errors import ConfigError
-from dpbench.methods.base import ClassifierModule
+from dpbench.methods.base import ClassifierModule, upcast
 from dpbench.methods.finetune import select_trainable
 from dpbench.models.registry import load_model
 from dpbench.pipeline import (load_task, make_record, plan_stages, privacy_record, sample_inputs,
@@ -52,8 +52,8 @@ class DistillModule(ClassifierModule):
     def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
         inputs = self.lm.inputs(batch)
         with torch.no_grad():
-            teacher_logits = self.teacher(**inputs).logits.float()
-        student_logits = self.engine.module(**inputs).logits.float()
+            teacher_logits = upcast(self.teacher(**inputs).logits)
+        student_logits = upcast(self.engine.module(**inputs).logits)
         return kd_loss(student_logits, teacher_logits, batch["labels"], self.temperature, self.alpha)
 
     def train(self, mode: bool = True) -> "DistillModule":
@@ -92,7 +92,8 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     select_trainable(student_lm.model, m.trainable)
     factory = partial(DistillModule, teacher=teacher, temperature=temperature, alpha=alpha)
     student_res = train_classifier(cfg, student_lm, spec, train, dev, plans[1], out_dir, stage_name="student",
-                                   seed=int(cfg.seed) + 1, module_factory=factory)
+                                   seed=int(cfg.seed) + 1, module_factory=factory,
+                                   prior_stages=[teacher_res.stage] if teacher_res.stage else [])
     stages = [r.stage for r in (teacher_res, student_res) if r.stage]
     privacy = privacy_record(stages, plans[0].delta, plans[0].target_epsilon, plans[0].clip_norm)
     inputs = sample_inputs(lm, dev, int(cfg.task.max_length), int(cfg.trainer.get("eval_batch_size", 64)))
@@ -100,6 +101,6 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     report.update(structure=structure(student_lm.model), teacher_metrics=teacher_res.metrics,
                   budget_split=split)
     return make_record(cfg, metrics=student_res.metrics, privacy=privacy, params=student_lm.num_params(),
-                       train_s=teacher_res.train_s + student_res.train_s, steps=teacher_res.steps + student_res.steps,
+                       results=[teacher_res, student_res],
                        extra={"compression": report,
                               "data": {"train_examples": len(train), "dev_examples": len(dev)}})

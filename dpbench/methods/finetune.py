@@ -84,4 +84,4 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
                                                    "count_noise_multiplier": alloc.count_sigma,
                                                    "gradient_noise_multiplier": alloc.grad_sigma}
     return make_record(cfg, metrics=result.metrics, privacy=record, params=lm.num_params(),
-                       train_s=result.train_s, steps=result.steps, extra=extra)
+                       results=[result], extra=extra)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import lightning as L
 import torch
@@ -14,15 +14,17 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dpbench.data.generation import ControlledCorpus, lm_loader
-from dpbench.methods.base import DPModule
+from dpbench.methods.base import DPModule, upcast
 from dpbench.models.registry import LoadedModel
-from dpbench.pipeline import PrivacyPlan, StageResult, dp_config, make_sampler, optim_config, run_stage
+from dpbench.pipeline import (PrivacyPlan, StageResult, batching_config, dp_config, make_sampler, optim_config,
+                              run_stage)
+from dpbench.privacy.accounting import Stage
 
 
 def _shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Next-token logits (B, T-1, V), targets (B, T-1) and the mask of scored positions."""
     targets = labels[:, 1:]
-    return logits[:, :-1].float(), targets, targets != -100
+    return upcast(logits[:, :-1]), targets, targets != -100
 
 
 def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
@@ -37,7 +39,7 @@ def distillation_loss(student: Tensor, teacher: Tensor, labels: Tensor, lam: flo
     positions only (the control-code prefix is masked out of both), shape (B,)."""
     ce = token_nll(student, labels)
     s, _, mask = _shifted(student, labels)
-    t = teacher[:, :-1].float()
+    t = upcast(teacher[:, :-1])
     kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
                   reduction="none", log_target=True).sum(-1)
     kl = (kl * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -112,11 +114,11 @@ class LMDataModule(L.LightningDataModule):
 
 
 def train_lm(cfg: DictConfig, lm: LoadedModel, train: ControlledCorpus, val: ControlledCorpus, plan: PrivacyPlan,
-             out_dir: Path, *, stage_name: str, seed: int,
+             out_dir: Path, *, stage_name: str, seed: int, prior_stages: Sequence[Stage] = (),
              module_factory: Callable[..., CausalLMModule] = CausalLMModule) -> StageResult:
     """One LM training stage under ``plan`` (DP or not), validated on ``val``."""
-    module = module_factory(lm, optim_config(cfg.method), dp_config(cfg, plan, seed),
-                            int(cfg.privacy.physical_batch_size), plan.steps)
+    module = module_factory(lm, optim_config(cfg.method), dp_config(cfg, plan, seed), batching_config(cfg),
+                            plan.steps)
     data = LMDataModule(train, val, lm, int(cfg.task.max_length), make_sampler(plan, len(train), seed),
                         int(cfg.trainer.get("eval_batch_size", 64)))
-    return run_stage(cfg, module, data, plan, out_dir, stage_name)
+    return run_stage(cfg, module, data, plan, out_dir, stage_name, prior_stages)

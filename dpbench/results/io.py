@@ -1,12 +1,10 @@
-"""Writing run records atomically, and what goes beside them (versions, git, memory)."""
+"""Writing run records atomically, and what goes beside them (versions, git)."""
 from __future__ import annotations
 
 import json
 import os
 import platform
-import resource
 import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -47,9 +45,3 @@ def git_info() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"commit": commit or None, "dirty": dirty}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MiB)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024

@@ -27,6 +27,8 @@ BAD_INPUTS = {
     # batches and steps
     "batch_larger_than_dataset": (["privacy.batch_size=1000"], "privacy.batch_size"),
     "physical_batch_zero": (["privacy.physical_batch_size=0"], "privacy.physical_batch_size"),
+    "physical_tokens_zero": (["privacy.physical_batch_tokens=0"], "privacy.physical_batch_tokens"),
+    "group_by_length_word": (["privacy.group_by_length=sometimes"], "privacy.group_by_length"),
     "max_steps_zero": (["trainer.max_steps=0"], "trainer.max_steps"),
     "epochs_zero": (["trainer.max_steps=null", "privacy.epochs=0"], "privacy.epochs"),
     # config names and keys

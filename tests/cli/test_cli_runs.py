@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,10 @@ def test_method_writes_valid_results(method: str, tmp_path: Path) -> None:
     r = read(out)
     assert REQUIRED <= set(r) and r["status"] == "ok" and r["method"] == method
     assert 0.0 <= r["metrics"]["accuracy"] <= 1.0
-    assert r["timing"]["steps"] == 3 and r["timing"]["train_s"] > 0 and r["memory"]["peak_rss_mb"] > 0
+    t = r["timing"]
+    assert t["steps"] == 3 and t["train_s"] > 0 and r["memory"]["peak_rss_mb"] > 0
+    assert t["examples"] > 0 and t["tokens"] > t["examples"] and t["computed_tokens"] >= t["tokens"]
+    assert t["examples_per_s"] == pytest.approx(t["examples"] / t["train_s"], rel=0.01)
     assert 0 < r["params"]["trainable"] <= r["params"]["total"]
     p = r["privacy"]
     if method == "nonprivate":
@@ -70,6 +74,24 @@ def test_epsilon_equals_prv_accountant(tmp_path: Path) -> None:
     low, _, up = acc.compute_epsilon(delta=p["delta"], num_self_compositions=[stage["steps"]])
     assert p["epsilon"] <= 8.0 and p["target_epsilon"] == 8.0
     assert low - 1e-9 <= p["epsilon"] <= up + 0.02 and math.isclose(p["epsilon"], up, rel_tol=0.01)
+
+
+def test_progress_bar_shows_logical_steps_loss_throughput_and_epsilon(tmp_path: Path) -> None:
+    out = tmp_path / "bar"
+    proc = dpbench(*TINY_RUN, "method=dp_full", "privacy.epsilon=8", "trainer.progress_bar=true",
+                   "trainer.log_every_n_steps=1", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = re.split(r"[\r\n]", proc.stdout + proc.stderr)  # Lightning's bar writes to stdout
+    final = [s for s in shown if "train: step" in s and "3/3" in s][-1]
+    assert "loss=" in final and "ex/s=" in final and "v_num" not in final and "Epoch" not in final
+    eps = float(final.split("ε=")[1].split(",")[0].rstrip("]"))
+    assert eps == pytest.approx(read(out)["privacy"]["epsilon"], abs=1e-3)  # the ε of all 3 steps
+    logged = (out / "logs" / "train" / "metrics.csv").read_text().splitlines()
+    header = logged[0].split(",")
+    assert {"train_loss", "examples_per_s", "tokens_per_s", "epsilon_spent"} <= set(header)
+    spent = [float(row.split(",")[header.index("epsilon_spent")]) for row in logged[1:]
+             if row.split(",")[header.index("epsilon_spent")]]
+    assert len(spent) == 3 and spent == sorted(spent) and spent[0] < spent[-1]
 
 
 def _tsv(folder: Path, train: str, dev: str = "sentence\tlabel\ngood\t1\n") -> Path:

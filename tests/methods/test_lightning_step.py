@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from dpbench.data.batching import MicroBatching
 from dpbench.data.datamodule import TextDataModule
 from dpbench.data.synthetic import make_synthetic
 from dpbench.data.tasks import get_task_spec
@@ -33,7 +34,7 @@ def _module(mode: str, engine: str) -> tuple[ClassifierModule, TextDataModule]:
     select_trainable(lm.model, mode)
     dp = DPConfig(noise_multiplier=0.7, clip_norm=0.5, expected_batch_size=6.0, engine=engine, noise_seed=5)
     module = ClassifierModule(lm, get_task_spec("synthetic"), OptimConfig(lr=1e-2), dp,
-                              physical_batch_size=3, total_steps=len(BATCHES))
+                              MicroBatching(3), total_steps=len(BATCHES))
     data = make_synthetic(12, pair=False, seed=0)
     dm = TextDataModule(data, data, lm.tokenizer, 24, FixedBatches(BATCHES))
     return module, dm
