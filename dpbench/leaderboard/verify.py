@@ -1,8 +1,10 @@
 """Verifying a run record before it is listed: a typed schema, then ε recomputed from the logged mechanism.
 
-A record is accepted only if every field of the results contract is present and well typed, and the ε it
-claims is at least the PRV upper bound recomputed from its stages (σ, q, steps of each) and δ. A private
-method with no stages, a claimed ε below the recomputation, or a missing δ is rejected with the reason.
+A record is accepted only if every field of the results contract is present and well typed, the ε it
+claims is at least the PRV upper bound recomputed from its stages (σ, q, steps of each) and δ, and those
+stages are what its config plans for its training set (q = B/n, the planned steps, δ;
+:mod:`dpbench.leaderboard.consistency`). A private method with no stages, a claimed ε below the
+recomputation, a missing δ or a mechanism that disagrees with the config is rejected with the reason.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dpbench.errors import PrivacyError
+from dpbench.leaderboard.consistency import consistency_errors
 from dpbench.privacy.accounting import Stage, epsilon_upper
 from dpbench.results.io import RESULTS_FILE, read_json
 
@@ -141,6 +144,7 @@ def verify_record(record: dict[str, Any], source: str = "<record>") -> Verdict:
     if priv["delta"] is None:
         v.reasons.append("lacks privacy.delta, needed to recompute ε")
         return v
+    v.reasons.extend(consistency_errors(record))
     try:
         v.epsilon_recomputed = recompute_epsilon(priv)
     except PrivacyError as e:

@@ -21,18 +21,24 @@ from dpbench.results.schema import PrivacyRecord, RunRecord
 
 def run_record(task: str = "sst2", method: str = "dp_full", model: str = "minilm", seed: int = 0,
                acc: float = 0.8, sigma: float | None = 1.0, steps: int = 50, q: float = 0.02) -> dict:
-    """A results.json as a run writes it, with ε from the accountant for (σ, q, steps, δ)."""
+    """A results.json as a run writes it, with ε from the accountant for (σ, q, steps, δ); its config
+    plans exactly that mechanism for n = 1,000 training examples (B = q·n, ``trainer.max_steps``, δ)."""
+    n, b = N_TRAIN, round(q * N_TRAIN)
     if sigma is None:
         privacy = PrivacyRecord(None, None, None, None, None, [])
     else:
-        stages = [Stage("train", sigma, q, steps)]
+        stages = [Stage("train", sigma, b / n, steps)]
         eps = compute_epsilon(stages, 1e-5).upper
         privacy = PrivacyRecord(eps, round(eps + 0.5), 1e-5, "prv", 1.0, [s.to_dict() for s in stages])
     config = {"seed": seed, "task": {"name": task}, "model": {"name": model},
-              "method": {"name": method, "private": sigma is not None, "trainable": "full"}}
+              "method": {"name": method, "private": sigma is not None, "trainable": "full"},
+              "privacy": {"batch_size": b, "epochs": 3, "delta": 1e-5}, "trainer": {"max_steps": steps}}
     rec = RunRecord("ok", task, model, method, seed, config, {"accuracy": acc}, privacy,
                     {"trainable": 100, "total": 1000}, {"train_s": 10.0, "steps": steps}, {"peak_rss_mb": 500.0})
-    return rec.to_dict()
+    return {**rec.to_dict(), "data": {"train_examples": n, "dev_examples": 100}}
+
+
+N_TRAIN = 1000
 
 
 def write(root: Path, name: str, record: dict) -> Path:
@@ -54,6 +60,22 @@ def test_tampered_epsilon_is_rejected() -> None:
     rec["privacy"]["epsilon"] *= 0.8
     v = verify_record(rec)
     assert not v.ok and "below the recomputed upper bound" in v.reasons[0]
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (lambda r: r["privacy"]["stages"][0].update(sample_rate=0.01), "sample rate 0.01, but privacy.batch_size"),
+    (lambda r: r["data"].update(train_examples=2000), "sample rate 0.02, but privacy.batch_size"),
+    (lambda r: r["privacy"]["stages"][0].update(steps=25), "log 25 steps in all, but the config plans 50"),
+    (lambda r: r["timing"].update(steps=40), "more than timing.steps = 40"),
+    (lambda r: r["privacy"].update(delta=1e-3), "δ = 0.001 is logged, but the config gives 1e-05"),
+    (lambda r: r.pop("data"), "lacks data.train_examples"),
+])
+def test_mechanism_that_disagrees_with_its_config_is_rejected(tamper, reason: str) -> None:
+    """Lowering the logged q or steps lowers the recomputed ε too, so only the cross-check catches it."""
+    rec = run_record()
+    tamper(rec)
+    v = verify_record(rec)
+    assert not v.ok and any(reason in r for r in v.reasons), v.reasons
 
 
 def test_tampered_mechanism_is_rejected() -> None:

@@ -75,6 +75,22 @@ def test_heterogeneous_composition():
     assert rdp_epsilon([a, b], delta) > max(rdp_epsilon([a], delta), rdp_epsilon([b], delta))
 
 
+@pytest.mark.parametrize("stages", [
+    [Stage("teacher", 1.0, 0.02, 500), Stage("student", 2.0, 0.05, 300)],
+    [Stage("finetune0", 0.9, 0.01, 120), Stage("finetune1", 1.4, 0.01, 80), Stage("finetune2", 0.7, 0.03, 40)],
+])
+def test_multi_stage_epsilon_matches_independent_prv_composition(stages: list[Stage]) -> None:
+    """The composed ε against prv-accountant's own heterogeneous composition (one PRV per mechanism),
+    built here without any of dpbench's code."""
+    delta = 1e-5
+    plain = PRVAccountant([PoissonSubsampledGaussianMechanism(s.sample_rate, s.noise_multiplier) for s in stages],
+                          max_self_compositions=[s.steps for s in stages], eps_error=0.01, delta_error=delta / 1000)
+    low, _, up = plain.compute_epsilon(delta=delta, num_self_compositions=[s.steps for s in stages])
+    ours = compute_epsilon(stages, delta)
+    assert low - 1e-9 <= ours.upper <= up + 0.02 and ours.upper == pytest.approx(up, rel=0.01)
+    assert ours.upper > max(compute_epsilon([s], delta).upper for s in stages)
+
+
 def test_same_mechanism_stages_add_steps():
     delta = 1e-5
     split = compute_epsilon([Stage("a", 1.2, 0.03, 400), Stage("b", 1.2, 0.03, 600)], delta)
