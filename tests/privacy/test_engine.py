@@ -49,14 +49,20 @@ def engine_clipped_sum(model, loss_fn: LossFn, batch: dict, clip_norm: float, en
         engine.close()
 
 
-def check_against_naive(model, loss_fn: LossFn, batch: dict, engine: str) -> None:
+def check_against_naive(model, loss_fn: LossFn, batch: dict, engine: str, rtol: float = 1e-6,
+                        atol: float = 1e-12) -> None:
     _, norms = naive_clipped_sum(model, loss_fn, batch, clip_norm=1e9)
     clip = float(norms.median())  # some examples clipped, some not
     expected, _ = naive_clipped_sum(model, loss_fn, batch, clip)
     got = engine_clipped_sum(model, loss_fn, batch, clip, engine, physical=4)  # micro-batches of 4 and 2
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for name, e, g in zip(names, expected, got):
-        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, e, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# opacus' ghost clipping on Llama's embedding differs from the float64 loop on 15 of 804,112 elements of
+# embed_tokens, by at most 1.8e-8 (7.6e-6 relative; 2026-12-01): float32-level, not a clip factor's size.
+LOOSER = {("llama", "opacus_ghost"): dict(rtol=1e-5, atol=1e-7)}
 
 
 def classification_loss(lm) -> LossFn:
@@ -67,13 +73,11 @@ def classification_loss(lm) -> LossFn:
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "gpt2", "llama"])
 @pytest.mark.parametrize("mode", ["full", "bitfit"])
 def test_engine_matches_naive_loop(engine: str, family: str, mode: str) -> None:
-    if engine != "bk" and family in ("llama", "distilbert"):
-        pytest.skip("opacus engines are checked on the families the foundation issue names")
     lm = tiny_model(family)
     select_trainable(lm.model, mode)
     batch = tiny_batch(lm, TEXTS)
     assert (batch["attention_mask"] == 0).any(), "the batch must contain padding"
-    check_against_naive(lm.model, classification_loss(lm), batch, engine)
+    check_against_naive(lm.model, classification_loss(lm), batch, engine, **LOOSER.get((family, engine), {}))
 
 
 @pytest.mark.parametrize("engine", ["bk", "opacus"])
