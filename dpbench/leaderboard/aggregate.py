@@ -77,6 +77,7 @@ class Row:
     peak_rss_mb: float
     latency_speedup: float | None = None
     audit_lower: float | None = None  # the largest one-run audit lower bound among the seeds (if audited)
+    audit_uninformative: bool = False  # audited, but every audit's settings were too weak to contradict the claim
     rank: int | None = None
     paper: list[dict[str, Any]] = field(default_factory=list)
 
@@ -101,8 +102,8 @@ def aggregate(records: Iterable[tuple[dict[str, Any], float | None]]) -> list[Ro
         step_s = [r["timing"]["train_s"] / s for r, s in zip(recs, steps) if s]
         speed = [((r.get("compression") or {}).get("latency_ms") or {}).get("speedup") for r in recs]
         speed = [s for s in speed if s is not None]
-        audits = [(r.get("audit") or {}).get("epsilon_lower_bound") for r in recs]
-        audits = [a for a in audits if a is not None]
+        audited = [r["audit"] for r in recs if (r.get("audit") or {}).get("epsilon_lower_bound") is not None]
+        audits = [a["epsilon_lower_bound"] for a in audited if a.get("informative", True)]
         rows.append(Row(
             task=key[0], model=key[1], method=key[2], trainable_set=key[3], target_epsilon=key[4], sparsity=key[5],
             metric=metric, mean=mean, std=std, n=len(values), seeds=sorted(int(r["seed"]) for r in recs),
@@ -112,7 +113,8 @@ def aggregate(records: Iterable[tuple[dict[str, Any], float | None]]) -> list[Ro
             train_s=statistics.fmean(r["timing"]["train_s"] for r in recs),
             step_s=statistics.fmean(step_s) if step_s else None,
             peak_rss_mb=statistics.fmean(r["memory"]["peak_rss_mb"] for r in recs),
-            latency_speedup=statistics.fmean(speed) if speed else None, audit_lower=max(audits) if audits else None))
+            latency_speedup=statistics.fmean(speed) if speed else None, audit_lower=max(audits) if audits else None,
+            audit_uninformative=bool(audited) and not audits))
     _rank(rows)
     inf = float("inf")
     rows.sort(key=lambda r: (r.task, r.target_epsilon if r.target_epsilon is not None else inf,

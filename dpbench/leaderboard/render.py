@@ -26,7 +26,8 @@ def cells(r: Row, short: bool = True) -> list[str]:
             r.eps_label, _num(r.epsilon, ".3f"), _num(r.delta, ".1e"), r.metric,
             "—" if r.mean is None else f"{r.mean:.4f} ± {r.std:.3f}", str(r.n), paper,
             f"{r.trainable:,.0f}", _num(r.step_s, ".3f"), _num(r.peak_rss_mb, ",.0f"),
-            _num(r.sparsity, ".2f"), _num(r.latency_speedup, ".2f"), _num(r.audit_lower, ".2f")]
+            _num(r.sparsity, ".2f"), _num(r.latency_speedup, ".2f"),
+            "uninformative" if r.audit_uninformative else _num(r.audit_lower, ".2f")]
 
 
 def _shown(rows: list[Row]) -> tuple[list[str], list[list[str]]]:

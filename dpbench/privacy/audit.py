@@ -14,6 +14,14 @@ with p_ε = e^ε/(1 + e^ε) (the paper's Theorem 3.3 and its numerical form). Th
 largest ε whose p-value is still below 1 − confidence. k₊ and k₋ are fixed before the run, so no
 selection over thresholds inflates the bound.
 
+**Power.** With r guesses the strongest evidence is v = r correct; its bound,
+:func:`max_auditable_epsilon`, is the largest ε the audit can ever contradict at those settings (4.17
+for the default 1,000 canaries and 200 guesses at δ = 1e-5). A claim at or above it cannot be
+contradicted, so the audit is reported as *uninformative* for it (``informative: false``) and the
+leaderboard says so instead of showing a bound. :func:`settings_for` gives the canaries and guesses that
+make a claim auditable (about 23,000 canaries and 18,000 guesses for ε = 8 at δ = 1e-5; the cost grows
+linearly with the canaries: one linear model with a coordinate per canary).
+
 **White-box gradient canaries.** The step audited is the real one: the engine's per-sample clipping, the
 private optimizer's noise and the Poisson sampler. They run with the recorded σ, q, steps, clipping norm
 and engine, on a linear model whose canary i has a gradient of norm ``canary_norm`` (≫ C) along its own
@@ -65,6 +73,21 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, confidence: float 
     return lo
 
 
+def max_auditable_epsilon(canaries: int, guesses: int, delta: float, confidence: float = 0.95) -> float:
+    """The bound of a perfect audit (every guess correct): no claim at or above it can be contradicted."""
+    return epsilon_lower_bound(canaries, guesses, guesses, delta, confidence)
+
+
+def settings_for(epsilon: float, delta: float, confidence: float = 0.95) -> tuple[int, int]:
+    """The fewest canaries (from 1,000, by 25% steps; guesses = 0.8·canaries) whose perfect audit exceeds ``epsilon``."""
+    canaries = 1000
+    while max_auditable_epsilon(canaries, int(0.8 * canaries), delta, confidence) <= epsilon:
+        canaries = int(canaries * 1.25)
+        if canaries > 10**7:
+            raise ValueError(f"no audit of at most 10^7 canaries can contradict ε = {epsilon} at δ = {delta}")
+    return canaries, int(0.8 * canaries)
+
+
 @dataclass
 class AuditResult:
     epsilon_lower_bound: float
@@ -73,6 +96,7 @@ class AuditResult:
     canaries: int
     guesses: int
     correct: int
+    max_auditable_epsilon: float = math.nan
     method: str = METHOD
 
     def to_dict(self) -> dict:
@@ -112,7 +136,8 @@ def audit_dp_step(noise_multiplier: float, sample_rate: float, steps: int, clip_
     k_out = guesses - k_in
     correct = int(included[order[:k_in]].sum()) + int((~included[order[canaries - k_out:]]).sum())
     eps_lb = epsilon_lower_bound(canaries, guesses, correct, delta, confidence)
-    return AuditResult(eps_lb, confidence, delta, canaries, guesses, correct)
+    return AuditResult(eps_lb, confidence, delta, canaries, guesses, correct,
+                       max_auditable_epsilon(canaries, guesses, delta, confidence))
 
 
 def audit_privacy(privacy: dict, engine: str = "bk", **settings) -> dict:
@@ -123,9 +148,11 @@ def audit_privacy(privacy: dict, engine: str = "bk", **settings) -> dict:
                                float(privacy["clip_norm"]), float(privacy["delta"]), engine=engine, **settings)
         stages.append({"name": s["name"], **result.to_dict()})
     bound = max((s["epsilon_lower_bound"] for s in stages), default=0.0)
+    ceiling = min((s["max_auditable_epsilon"] for s in stages), default=math.inf)
     claimed = privacy.get("epsilon")
     return {"epsilon_lower_bound": bound, "claimed_epsilon": claimed, "method": METHOD, "stages": stages,
-            "consistent": claimed is None or bound <= claimed}
+            "consistent": claimed is None or bound <= claimed, "max_auditable_epsilon": ceiling,
+            "informative": claimed is None or claimed < ceiling}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,6 +188,10 @@ def main(argv: list[str] | None = None) -> None:
               f"ε ≥ {s['epsilon_lower_bound']:.3f} at {s['confidence']:.0%} confidence")
     verdict = "consistent with" if audit["consistent"] else "CONTRADICTS"
     print(f"audit lower bound {audit['epsilon_lower_bound']:.3f} {verdict} the claimed ε={audit['claimed_epsilon']}")
+    if not audit["informative"]:
+        m, r = settings_for(float(audit["claimed_epsilon"]), float(privacy["delta"]), args.confidence)
+        print(f"uninformative: at these settings no claim above ε = {audit['max_auditable_epsilon']:.2f} can be "
+              f"contradicted; --canaries {m} --guesses {r} could contradict this one")
     raise SystemExit(0 if audit["consistent"] else 1)
 
 

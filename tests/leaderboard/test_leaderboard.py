@@ -215,3 +215,16 @@ def test_bad_folder_is_one_line_error(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "dpbench.leaderboard.cli", str(tmp_path / "nope")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a folder" in proc.stderr
+
+
+def test_uninformative_audit_is_shown_as_such_not_as_a_bound() -> None:
+    from dpbench.leaderboard.render import cells
+
+    weak = run_record()
+    weak["audit"] = {"epsilon_lower_bound": 1.2, "consistent": True, "informative": False}
+    strong = run_record(method="dp_bitfit")
+    strong["audit"] = {"epsilon_lower_bound": 0.4, "consistent": True, "informative": True}
+    rows = {r.method: r for r in aggregate((rec, verify_record(rec).epsilon_recomputed) for rec in (weak, strong))}
+    assert rows["dp_full"].audit_lower is None and rows["dp_full"].audit_uninformative
+    assert cells(rows["dp_full"])[-1] == "uninformative"
+    assert rows["dp_bitfit"].audit_lower == 0.4 and cells(rows["dp_bitfit"])[-1] == "0.40"

@@ -10,7 +10,8 @@ from scipy import stats
 import dpbench.privacy.engine.bookkeeping as bookkeeping
 from dpbench.leaderboard.verify import verify_record
 from dpbench.privacy.accounting import calibrate_noise, epsilon_upper, Stage
-from dpbench.privacy.audit import audit_dp_step, audit_privacy, epsilon_lower_bound, p_value
+from dpbench.privacy.audit import (audit_dp_step, audit_privacy, epsilon_lower_bound, max_auditable_epsilon,
+                                   p_value, settings_for)
 
 Q, STEPS, DELTA, EPS = 0.05, 200, 1e-5, 2.0
 
@@ -64,3 +65,23 @@ def test_record_audit_and_leaderboard_rejection(sigma: float) -> None:
               "params": {"trainable": 1, "total": 1}, "timing": {"train_s": 1.0, "steps": STEPS},
               "memory": {"peak_rss_mb": 1.0}, "audit": {**audit, "epsilon_lower_bound": 5.0}}
     assert any("audit" in r for r in verify_record(record).reasons)
+
+
+def test_quarter_noise_is_caught_at_the_default_settings(sigma: float) -> None:
+    """σ/4 where σ was calibrated for ε = 2: the default audit (1,000 canaries, 200 guesses) contradicts ε = 2."""
+    result = audit_dp_step(sigma / 4, Q, STEPS, 1.0, DELTA)
+    assert result.epsilon_lower_bound > EPS, result
+
+
+def test_audit_knows_its_power() -> None:
+    """A perfect audit at the defaults bounds ε ≥ 4.17: claims at or above it are marked uninformative, and
+    ``settings_for`` gives the smallest settings (of its grid) that could contradict ε = 8."""
+    ceiling = max_auditable_epsilon(1000, 200, DELTA)
+    assert ceiling == pytest.approx(4.17, abs=0.01) and ceiling == epsilon_lower_bound(1000, 200, 200, DELTA)
+    m, r = settings_for(8.0, DELTA)
+    assert max_auditable_epsilon(m, r, DELTA) > 8.0 >= max_auditable_epsilon(int(m / 1.25), int(0.8 * m / 1.25), DELTA)
+    stage = {"name": "train", "noise_multiplier": 1.0, "sample_rate": Q, "steps": 10}
+    for claimed, informative in [(2.0, True), (8.0, False)]:
+        privacy = {"epsilon": claimed, "delta": DELTA, "clip_norm": 1.0, "stages": [stage]}
+        audit = audit_privacy(privacy, guesses=200, canaries=1000)
+        assert audit["informative"] is informative and audit["max_auditable_epsilon"] == pytest.approx(ceiling)
