@@ -129,3 +129,36 @@ def test_a_private_stage_samples_poisson_at_the_planned_rate(broken: str | None,
     ok = (isinstance(sampler, PoissonBatchSampler) and sampler.sample_rate == pytest.approx(16 / N)
           and result.throughput.examples == sum(sizes) and len(set(sizes)) > 1)
     assert ok if broken is None else not ok
+
+
+@pytest.mark.parametrize("broken", [None, "uniform"])
+def test_anadp_draws_each_groups_noise_at_its_allocated_std(broken: str | None,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """ANADP through the module the pipeline builds, on an empty logical batch: each group's update is
+    N(0, (σₖCₖ/B)²) for an allocation set far from uniform (σₖ spread 4×, Σₖ σₖ⁻² = σ⁻² kept). An optimizer
+    that drew uniform noise (σC for every group) fails."""
+    import dpbench.privacy.allocation as allocation
+
+    if broken == "uniform":
+        monkeypatch.setattr(allocation.NoiseAllocation, "param_noise_stds",
+                            lambda self: [self.sigma * self.clip_norm] * len(self.group_of))
+    cfg = _cfg("method=anadp", "method.trainable=full", "privacy.batch_size=2", "trainer.max_steps=1")
+    spec, train, dev, plan, lm = _setup(cfg)
+    module = pipeline.ClassifierModule(lm, spec, pipeline.optim_config(cfg.method), pipeline.dp_config(cfg, plan, 0),
+                                       pipeline.batching_config(cfg), plan.steps)
+    alloc = module.allocation
+    weights = torch.linspace(1.0, 16.0, alloc.k, dtype=torch.float64)  # σₖ ∝ wₖ^(-1/2): a 4× spread
+    alloc.weights = weights / weights.sum()
+    allocation.check_invariant(alloc)
+    group_std = [float(alloc.grad_sigma / alloc.weights[g].sqrt() * alloc.clip_norms[g]) / plan.batch_size
+                 for g in range(alloc.k)]  # σₖCₖ/B from the allocation's state
+    opt = module.configure_optimizers()["optimizer"]
+    before = [p.detach().clone() for p in module.engine.params]
+    opt.step(lambda: module.accumulate(Collator(lm.tokenizer.pad_token_id)([])))
+    ok = []
+    for g in range(alloc.k):
+        idx = [i for i, gi in enumerate(alloc.group_of) if gi == g]
+        moved = torch.cat([(module.engine.params[i].detach() - before[i]).flatten() for i in idx])
+        if moved.numel() >= 500:  # enough coordinates for a 10% check
+            ok.append(float(moved.std()) == pytest.approx(group_std[g], rel=0.1))
+    assert len(ok) >= 3 and (all(ok) if broken is None else not all(ok)), ok
