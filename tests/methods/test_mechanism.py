@@ -162,3 +162,54 @@ def test_anadp_draws_each_groups_noise_at_its_allocated_std(broken: str | None,
         if moved.numel() >= 500:  # enough coordinates for a 10% check
             ok.append(float(moved.std()) == pytest.approx(group_std[g], rel=0.1))
     assert len(ok) >= 3 and (all(ok) if broken is None else not all(ok)), ok
+
+
+@pytest.mark.parametrize("broken", [None, "noise"])
+def test_a_causal_lm_step_on_an_empty_batch_is_noise_of_std_sigma_c_over_b(broken: str | None,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LM module (DistilDP's teacher and students) with the pipeline's DP config: the same σC/B."""
+    from dpbench.data.generation import LMCollator
+    from dpbench.methods.language_model import CausalLMModule
+    from dpbench.models.registry import load_causal_lm
+
+    _break(monkeypatch, broken)
+    cfg = _cfg("model=tiny_gpt2", "privacy.batch_size=2", "trainer.max_steps=1")
+    plan = pipeline.plan_privacy(cfg, N, private=True)
+    lm = load_causal_lm(cfg.model)
+    module = CausalLMModule(lm, pipeline.optim_config(cfg.method), pipeline.dp_config(cfg, plan, 0),
+                            pipeline.batching_config(cfg), plan.steps)
+    opt = module.configure_optimizers()["optimizer"]
+    before = torch.cat([p.detach().flatten().clone() for p in module.engine.params])
+    opt.step(lambda: module.accumulate(LMCollator(lm.tokenizer, 16)([])))
+    after = torch.cat([p.detach().flatten() for p in module.engine.params])
+    ok = float((after - before).std()) == pytest.approx(SIGMA * CLIP / plan.batch_size, rel=0.02)
+    assert ok if broken is None else not ok
+
+
+@pytest.mark.parametrize("broken", [None, "count_sigma"])
+def test_anadp_adaptive_bounds_privatise_counts_with_std_sigma_b(broken: str | None) -> None:
+    """With adaptive bounds each group's unclipped count is released with N(0, σ_b²) noise. On empty
+    batches the true counts are 0, so the bound update Cₖ' = Cₖ·exp(−η(ñₖ/B − γ)) reveals each noisy
+    count ñₖ; over 20 steps their std is σ_b. Halving σ_b after set-up (less noise on the counts than
+    accounted) is refused by the allocation's invariant check at the first release."""
+    cfg = _cfg("method=anadp", "method.trainable=full", "method.anadp.clip_quantile=0.5", "privacy.batch_size=2",
+               "trainer.max_steps=20")
+    spec, train, dev, plan, lm = _setup(cfg)
+    module = pipeline.ClassifierModule(lm, spec, pipeline.optim_config(cfg.method), pipeline.dp_config(cfg, plan, 0),
+                                       pipeline.batching_config(cfg), plan.steps)
+    alloc = module.allocation
+    sigma_b, eta, gamma = alloc.count_sigma, alloc.cfg.clip_lr, alloc.cfg.clip_quantile
+    if broken:
+        alloc.count_sigma = sigma_b / 2
+    opt = module.configure_optimizers()["optimizer"]
+    empty, counts = Collator(lm.tokenizer.pad_token_id)([]), []
+    if broken:
+        with pytest.raises(AssertionError, match="differs from the calibrated"):
+            opt.step(lambda: module.accumulate(empty))
+        return
+    for _ in range(plan.steps):
+        bounds = alloc.clip_norms.clone()
+        opt.step(lambda: module.accumulate(empty))
+        counts.append(plan.batch_size * (gamma - torch.log(alloc.clip_norms / bounds) / eta))
+    std = float(torch.cat(counts).std())
+    assert alloc.k * plan.steps >= 100 and std == pytest.approx(sigma_b, rel=0.15), (std, sigma_b)
