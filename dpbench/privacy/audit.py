@@ -78,14 +78,17 @@ def max_auditable_epsilon(canaries: int, guesses: int, delta: float, confidence:
     return epsilon_lower_bound(canaries, guesses, guesses, delta, confidence)
 
 
-def settings_for(epsilon: float, delta: float, confidence: float = 0.95) -> tuple[int, int]:
-    """The fewest canaries (from 1,000, by 25% steps; guesses = 0.8·canaries) whose perfect audit exceeds ``epsilon``."""
-    canaries = 1000
-    while max_auditable_epsilon(canaries, int(0.8 * canaries), delta, confidence) <= epsilon:
-        canaries = int(canaries * 1.25)
-        if canaries > 10**7:
-            raise ValueError(f"no audit of at most 10^7 canaries can contradict ε = {epsilon} at δ = {delta}")
-    return canaries, int(0.8 * canaries)
+def settings_for(epsilon: float, delta: float, confidence: float = 0.95) -> tuple[int, int] | None:
+    """The fewest canaries (from 1,000, by 25% steps; guesses = 0.8·canaries) whose perfect audit exceeds
+    ``epsilon``; None when none can (a large δ: the 2mδ term grows with the canaries and caps the bound)."""
+    canaries, best = 1000, -math.inf
+    while True:
+        ceiling = max_auditable_epsilon(canaries, int(0.8 * canaries), delta, confidence)
+        if ceiling > epsilon:
+            return canaries, int(0.8 * canaries)
+        if ceiling <= best or canaries > 10**6:
+            return None
+        best, canaries = ceiling, int(canaries * 1.25)
 
 
 @dataclass
@@ -189,9 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     verdict = "consistent with" if audit["consistent"] else "CONTRADICTS"
     print(f"audit lower bound {audit['epsilon_lower_bound']:.3f} {verdict} the claimed ε={audit['claimed_epsilon']}")
     if not audit["informative"]:
-        m, r = settings_for(float(audit["claimed_epsilon"]), float(privacy["delta"]), args.confidence)
+        better = settings_for(float(audit["claimed_epsilon"]), float(privacy["delta"]), args.confidence)
+        hint = (f"--canaries {better[0]} --guesses {better[1]} could contradict this one" if better else
+                f"no number of canaries can at δ = {float(privacy['delta']):.3g} (its 2mδ term grows with them)")
         print(f"uninformative: at these settings no claim above ε = {audit['max_auditable_epsilon']:.2f} can be "
-              f"contradicted; --canaries {m} --guesses {r} could contradict this one")
+              f"contradicted; {hint}")
     raise SystemExit(0 if audit["consistent"] else 1)
 
 

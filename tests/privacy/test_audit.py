@@ -78,6 +78,7 @@ def test_audit_knows_its_power() -> None:
     ``settings_for`` gives the smallest settings (of its grid) that could contradict ε = 8."""
     ceiling = max_auditable_epsilon(1000, 200, DELTA)
     assert ceiling == pytest.approx(4.17, abs=0.01) and ceiling == epsilon_lower_bound(1000, 200, 200, DELTA)
+    assert settings_for(2.0, 1 / 128) is None  # a large δ caps every audit below 2 (tiny datasets)
     m, r = settings_for(8.0, DELTA)
     assert max_auditable_epsilon(m, r, DELTA) > 8.0 >= max_auditable_epsilon(int(m / 1.25), int(0.8 * m / 1.25), DELTA)
     stage = {"name": "train", "noise_multiplier": 1.0, "sample_rate": Q, "steps": 10}
