@@ -46,16 +46,6 @@ class Setup:
     labels: object
 
 
-def status_mb(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process from /proc (Linux), in MiB. Unlike
-    ``ru_maxrss``, the peak is not inherited from the parent that spawned the probe."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def build(model_key: str, config: str, seq_len: int, batch: int) -> Setup:
     import torch
 
@@ -132,6 +122,7 @@ def _worker(model_key: str, config: str, seq_len: int, batch: int, warmup: int) 
     import transformers
 
     from dpbench.allocator import reuse_freed_memory
+    from dpbench.results.memory import status_mb
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

@@ -110,7 +110,8 @@ def _worker(argv: list[str]) -> None:
     import transformers
 
     from dpbench.allocator import reuse_freed_memory
-    from dpbench.bench import TAG, status_mb
+    from dpbench.bench import TAG
+    from dpbench.results.memory import status_mb
 
     transformers.logging.set_verbosity_error()
     reuse_freed_memory()  # as `dpbench` runs do

@@ -269,7 +269,7 @@ def epsilon_meter(plan: PrivacyPlan, stage_name: str, prior_stages: Sequence[Sta
     last: dict[str, float] = {}
 
     def spent(k: int, sigma: float) -> float:
-        if not last or k == 1 or k % every == 0 or k >= plan.steps:
+        if not last or k % every == 0 or k >= plan.steps:
             stages = [*prior_stages, Stage(stage_name, sigma, plan.sample_rate, k)]
             last["eps"] = epsilon_upper(stages, plan.delta)
         return last["eps"]
@@ -347,11 +347,7 @@ def timing_record(results: Sequence[StageResult]) -> dict[str, Any]:
     """``timing`` of a run's training stages: seconds and steps, and what they processed per second
     (examples, real tokens; ``computed_tokens`` counts the padding the micro-batches carried)."""
     train_s = sum(r.train_s for r in results)
-    total = Throughput()
-    for r in results:
-        total.examples += r.throughput.examples
-        total.tokens += r.throughput.tokens
-        total.computed_tokens += r.throughput.computed_tokens
+    total = sum((r.throughput for r in results), Throughput())
     return {"train_s": round(train_s, 3), "steps": sum(r.steps for r in results), **total.rates(train_s)}
 
 

@@ -80,6 +80,10 @@ class Throughput:
     def seconds(self) -> float:
         return self.elapsed_s + (time.perf_counter() - self._since if self._since is not None else 0.0)
 
+    def __add__(self, other: "Throughput") -> "Throughput":
+        return Throughput(self.examples + other.examples, self.tokens + other.tokens,
+                          self.computed_tokens + other.computed_tokens, self.seconds() + other.seconds())
+
     def saved(self) -> dict[str, float]:
         """The counts and seconds so far (a checkpoint keeps them; a resumed fit adds to them)."""
         return {"examples": self.examples, "tokens": self.tokens, "computed_tokens": self.computed_tokens,

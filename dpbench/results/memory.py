@@ -24,7 +24,7 @@ PROCESS_PEAK = "ru_maxrss of the process (includes earlier jobs of a sweep)"
 _job_start_mb: float | None = None
 
 
-def _status_mb(field: str) -> float | None:
+def status_mb(field: str) -> float | None:
     """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in MiB."""
     try:
         with open("/proc/self/status") as f:
@@ -56,24 +56,16 @@ def start_job_peak() -> bool:
     except OSError:
         _job_start_mb = None
         return False
-    _job_start_mb = _status_mb("VmRSS")
+    _job_start_mb = status_mb("VmRSS")
     return _job_start_mb is not None
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory (MiB): since :func:`start_job_peak` if it took effect, else of the process."""
-    if _job_start_mb is not None:
-        peak = _status_mb("VmHWM")
-        if peak is not None:
-            return peak
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
-
-
 def memory_record() -> dict[str, Any]:
-    """``memory`` of a record: ``peak_rss_mb``, how it was measured, and the RSS the job started from."""
-    own = _job_start_mb is not None and _status_mb("VmHWM") is not None
-    out: dict[str, Any] = {"peak_rss_mb": round(peak_rss_mb(), 1), "measured": JOB_PEAK if own else PROCESS_PEAK}
-    if own:
-        out["start_rss_mb"] = round(_job_start_mb, 1)
-    return out
+    """``memory`` of a record: ``peak_rss_mb`` (since :func:`start_job_peak` if it took effect, else the
+    process's), how it was measured, and the RSS the job started from."""
+    peak = status_mb("VmHWM") if _job_start_mb is not None else None
+    if peak is not None:
+        return {"peak_rss_mb": round(peak, 1), "measured": JOB_PEAK, "start_rss_mb": round(_job_start_mb, 1)}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mb = rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024
+    return {"peak_rss_mb": round(rss_mb, 1), "measured": PROCESS_PEAK}
