@@ -138,11 +138,8 @@ def _run_job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from dpbench.allocator import reuse_freed_memory
     from dpbench.config import check_sources, validate
     from dpbench.errors import DPBenchError
-    from dpbench.methods import get_runner
-    from dpbench.pipeline import publish_record
     from dpbench.results.io import RESULTS_FILE, write_json_atomic
     from dpbench.results.memory import start_job_peak
 
@@ -153,8 +150,11 @@ def _run_job(cfg) -> None:
     if results.exists():
         results.unlink()  # a stale record must never stand in for this run
     try:
-        validate(cfg)
+        validate(cfg)  # before torch is imported: a bad option costs a second, not the imports
         check_sources(cfg)
+        from dpbench.allocator import reuse_freed_memory
+        from dpbench.methods import get_runner
+
         if cfg.trainer.get("reuse_freed_memory", True):
             reuse_freed_memory()
         threads = cfg.trainer.get("num_threads")
@@ -188,6 +188,8 @@ def _run_job(cfg) -> None:
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) != 0:
         return  # data parallel: rank 0 writes the record
     write_json_atomic(results, record.to_dict())
+    from dpbench.pipeline import publish_record
+
     publish_record(cfg, record, out_dir)
     eps = record.privacy.epsilon
     privacy = "non-private" if eps is None else f"ε={eps:.3f} (target {record.privacy.target_epsilon})"

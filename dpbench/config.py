@@ -8,8 +8,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from dpbench.errors import ConfigError
-from dpbench.privacy.allocation import CLIP_SPLITS, GRANULARITIES
-from dpbench.privacy.engine import ENGINES
+from dpbench.choices import CLIP_SPLITS, ENGINES, GRANULARITIES, OPTIMIZERS, SCHEDULES
 
 # key → (the rule in words, the test, an example value); checked when the config has the key
 BOUNDS: dict[str, tuple[str, Callable[[float], bool], str]] = {
@@ -40,8 +39,8 @@ def validate(cfg: DictConfig) -> None:
         if clip is None or not _finite(clip) or clip <= 0:
             raise ConfigError(f"privacy.clip_norm must be > 0 (got {clip}); set e.g. privacy.clip_norm=1.0")
     choices = {"privacy.accountant": ("prv",), "privacy.clipping": ("flat", "automatic"),
-               "privacy.engine": ENGINES, "method.optimizer.name": ("adam", "sgd"),
-               "method.optimizer.schedule": ("linear", "constant"), "method.anadp.groups": GRANULARITIES,
+               "privacy.engine": ENGINES, "method.optimizer.name": OPTIMIZERS,
+               "method.optimizer.schedule": SCHEDULES, "method.anadp.groups": GRANULARITIES,
                "method.anadp.clip_split": CLIP_SPLITS}
     for key, allowed in choices.items():
         value = _num(cfg, key)

@@ -41,7 +41,9 @@ ACCOUNTANT = "prv"
 
 # -- data ----------------------------------------------------------------------------------------
 def load_task(task: DictConfig, seed: int) -> tuple[TaskSpec, TextClassificationData, TextClassificationData]:
-    """The task's spec and its train/dev data (synthetic in code, GLUE from ``task.data_dir``)."""
+    """The task's spec and its train/dev data (synthetic in code, GLUE from ``task.data_dir``). With
+    ``task.holdout_examples=N`` the evaluation set is N examples held out of the training set (seeded by
+    ``task.holdout_seed``, the same for every run), and the official dev set is not read: use it to tune."""
     spec = get_task_spec(task.name)
     if spec.name.startswith("synthetic"):
         pair = spec.is_pair
@@ -52,13 +54,22 @@ def load_task(task: DictConfig, seed: int) -> tuple[TaskSpec, TextClassification
         dev = make_synthetic(int(task.num_dev), pair=pair, seed=data_seed + 10_000, simple_fraction=simple)
     else:
         train = load_glue(spec.name, "train", task.get("data_dir"))
-        dev = load_glue(spec.name, "dev", task.get("data_dir"))
+        if task.get("holdout_examples"):  # tune on a split of the training set; dev stays unread
+            train, dev = train.split_off(int(task.holdout_examples), seed=int(task.get("holdout_seed", 0)))
+        else:
+            dev = load_glue(spec.name, "dev", task.get("data_dir"))
         train = train.subset(task.get("max_train_examples"), seed=seed)
         dev = dev.subset(task.get("max_eval_examples"), seed=0)
     bad = [y for y in train.labels + dev.labels if not 0 <= y < spec.num_labels]
     if bad:
         raise DataError(f"label {bad[0]} is out of range for task {spec.name} ({spec.num_labels} classes); fix the data")
     return spec, train, dev
+
+
+def data_record(task: DictConfig, train: TextClassificationData, dev: TextClassificationData) -> dict[str, Any]:
+    """The record's ``data`` section: set sizes and which split the metrics were measured on."""
+    return {"train_examples": len(train), "dev_examples": len(dev),
+            "eval_split": "holdout" if task.get("holdout_examples") else "dev"}
 
 
 # -- privacy plan --------------------------------------------------------------------------------

@@ -33,8 +33,18 @@ class TextClassificationData:
         ``n`` None or >= len(self) returns ``self`` unchanged.
         """
         idx = subset_indices(len(self), n, seed)
-        if idx is None:
-            return self
+        return self if idx is None else self._take(idx)
+
+
+    def split_off(self, n: int, seed: int) -> tuple[TextClassificationData, TextClassificationData]:
+        """(the rest, a seeded random ``n`` held out): a tuning split carved from the training set."""
+        if not 0 < n < len(self):
+            raise ConfigError(f"task.holdout_examples must be in [1, {len(self) - 1}] (got {n})")
+        held = set(subset_indices(len(self), n, seed) or [])
+        keep = [i for i in range(len(self)) if i not in held]
+        return self._take(keep), self._take(sorted(held))
+
+    def _take(self, idx: list[int]) -> TextClassificationData:
         return TextClassificationData(
             text_a=[self.text_a[i] for i in idx],
             text_b=None if self.text_b is None else [self.text_b[i] for i in idx],

@@ -41,9 +41,16 @@ def _trainable_set(record: dict[str, Any]) -> str:
     return str(((record.get("config") or {}).get("method") or {}).get("trainable", ""))
 
 
+def task_label(record: dict[str, Any]) -> str:
+    """The task, marked when the metrics were measured on a split held out of the training set
+    (a tuning run) rather than the official dev set, so the two never share a row."""
+    held = (record.get("data") or {}).get("eval_split") == "holdout"
+    return f"{record['task']} (holdout)" if held else str(record["task"])
+
+
 def group_key(record: dict[str, Any]) -> tuple:
     """Runs that differ only in their seed share a key."""
-    return (record["task"], record["model"], record["method"], _trainable_set(record), _target_epsilon(record),
+    return (task_label(record), record["model"], record["method"], _trainable_set(record), _target_epsilon(record),
             _sparsity(record))
 
 

@@ -25,6 +25,7 @@ from dpbench.data.metrics import make_metrics
 from dpbench.data.tasks import TaskSpec
 from dpbench.models.registry import LoadedModel
 from dpbench.errors import ConfigError
+from dpbench.privacy.adam_bc import AdamBC
 from dpbench.privacy.allocation import AllocationConfig, NoiseAllocation, group_names
 from dpbench.privacy.engine import make_engine
 from dpbench.privacy.optimizer import PrivateOptimizer
@@ -32,10 +33,11 @@ from dpbench.privacy.optimizer import PrivateOptimizer
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adam"          # adam (AdamW, decoupled weight decay) | sgd
+    name: str = "adam"          # adam (AdamW, decoupled weight decay) | adam_bc (DP-AdamBC) | sgd
     lr: float = 5e-4
     weight_decay: float = 0.0
     momentum: float = 0.0       # sgd only
+    gamma: float = 1e-8         # adam_bc only: floor of the noise-corrected second moment
     schedule: str = "linear"    # linear decay to 0 | constant
     warmup_steps: int = 0
 
@@ -169,6 +171,8 @@ class DPModule(L.LightningModule):
         c = self.optim_cfg
         if c.name == "adam":
             inner = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        elif c.name == "adam_bc":
+            inner = AdamBC(params, self._noise_variances, lr=c.lr, gamma=c.gamma, weight_decay=c.weight_decay)
         elif c.name == "sgd":
             inner = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         else:
@@ -185,6 +189,16 @@ class DPModule(L.LightningModule):
                                max_steps=self.total_steps if self.dp is not None else None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _noise_variances(self) -> list[float]:
+        """Per trainable parameter, the variance of the noise in each coordinate of the released
+        (divided-by-B) gradient: (σC/B)², or (σₖCₖ/B)² of its group under an allocation."""
+        if self.dp is None:
+            return [0.0] * len(self.engine.params)
+        b = self.dp.expected_batch_size
+        if self.allocation is not None:
+            return [(s / b) ** 2 for s in self.allocation.param_noise_stds()]
+        return [(self.dp.noise_multiplier * self.dp.clip_norm / b) ** 2] * len(self.engine.params)
 
     def _lr_lambda(self, step: int) -> float:
         c = self.optim_cfg

@@ -28,7 +28,7 @@ from dpbench.compression.structured import encoder_layers, structure, structured
 from dpbench.errors import ConfigError
 from dpbench.methods.finetune import select_trainable
 from dpbench.models.registry import load_model
-from dpbench.pipeline import (load_task, make_record, plan_stages, privacy_record, sample_inputs,
+from dpbench.pipeline import (data_record, load_task, make_record, plan_stages, privacy_record, sample_inputs,
                               train_classifier)
 from dpbench.results.schema import RunRecord
 
@@ -95,4 +95,4 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     return make_record(cfg, metrics=results[-1].metrics, privacy=privacy, params=lm.num_params(),
                        results=results,
                        extra={"compression": report,
-                              "data": {"train_examples": len(train), "dev_examples": len(dev)}})
+                              "data": data_record(cfg.task, train, dev)})

@@ -27,7 +27,7 @@ from dpbench.errors import ConfigError
 from dpbench.methods.base import ClassifierModule, upcast
 from dpbench.methods.finetune import select_trainable
 from dpbench.models.registry import load_model
-from dpbench.pipeline import (load_task, make_record, plan_stages, privacy_record, sample_inputs,
+from dpbench.pipeline import (data_record, load_task, make_record, plan_stages, privacy_record, sample_inputs,
                               train_classifier)
 from dpbench.results.schema import RunRecord
 
@@ -103,4 +103,4 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     return make_record(cfg, metrics=student_res.metrics, privacy=privacy, params=student_lm.num_params(),
                        results=[teacher_res, student_res],
                        extra={"compression": report,
-                              "data": {"train_examples": len(train), "dev_examples": len(dev)}})
+                              "data": data_record(cfg.task, train, dev)})

@@ -11,6 +11,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           PreTrainedTokenizerBase)
 
 from dpbench.errors import ConfigError
+from dpbench.models.heads import configure_head
 from dpbench.models.tokenizers import load_tokenizer, resolve_source
 
 FAMILIES = ("bert", "roberta", "distilbert", "gpt2", "llama")
@@ -54,8 +55,11 @@ def _set_dropout(config: Any, p: float) -> None:
 
 def load_model(cfg: Mapping[str, Any], num_labels: int) -> LoadedModel:
     """Load the model described by ``cfg`` (a ``conf/model/*.yaml`` node) with a fresh
-    ``num_labels``-way classification head."""
-    return _load(cfg, AutoModelForSequenceClassification, num_labels=num_labels)
+    ``num_labels``-way classification head, pooled and initialised as ``model.pooling`` and
+    ``model.head_init`` say (:mod:`dpbench.models.heads`)."""
+    lm = _load(cfg, AutoModelForSequenceClassification, num_labels=num_labels)
+    configure_head(lm.model, lm.family, str(cfg.get("pooling") or "cls"), str(cfg.get("head_init") or "default"))
+    return lm
 
 
 def load_causal_lm(cfg: Mapping[str, Any]) -> LoadedModel:

@@ -46,8 +46,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-CLIP_SPLITS = ("equal", "size")
-GRANULARITIES = ("module", "block")
+from dpbench.choices import CLIP_SPLITS, GRANULARITIES
+
 _LORA_TAIL = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B)\.[^.]+$")
 _BLOCK = re.compile(r"^(.*?\.(?:layer|layers|h|block)\.\d+)\.")
 

@@ -140,3 +140,24 @@ def test_hub_offline_says_set_data_dir(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert last.startswith("dpbench.errors.DataError: could not load rte from the Hugging Face hub")
     assert "set task.data_dir" in last
+
+
+# --- a tuning split held out of the training set ----------------------------------------------
+
+def test_holdout_split_is_carved_from_train_and_dev_is_never_read(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from dpbench.pipeline import data_record, load_task
+
+    rows = "".join(f"sentence {i}\t{i % 2}\n" for i in range(40))
+    write(tmp_path / "train.tsv", "sentence\tlabel\n" + rows)
+    task = OmegaConf.create({"name": "sst2", "data_dir": str(tmp_path), "holdout_examples": 10, "holdout_seed": 3})
+    _, train, held = load_task(task, seed=0)  # no dev.tsv: holding out must not need it
+    assert (len(train), len(held)) == (30, 10)
+    assert not set(train.text_a) & set(held.text_a)
+    assert sorted(train.text_a + held.text_a) == sorted(f"sentence {i}" for i in range(40))
+    _, _, again = load_task(task, seed=7)  # the run seed does not move the split
+    assert again.text_a == held.text_a
+    assert data_record(task, train, held)["eval_split"] == "holdout"
+    with pytest.raises(ConfigError, match="task.holdout_examples"):
+        load_task(OmegaConf.merge(task, {"holdout_examples": 40}), seed=0)

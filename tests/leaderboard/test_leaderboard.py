@@ -228,3 +228,10 @@ def test_uninformative_audit_is_shown_as_such_not_as_a_bound() -> None:
     assert rows["dp_full"].audit_lower is None and rows["dp_full"].audit_uninformative
     assert cells(rows["dp_full"])[-1] == "uninformative"
     assert rows["dp_bitfit"].audit_lower == 0.4 and cells(rows["dp_bitfit"])[-1] == "0.40"
+
+
+def test_a_tuning_run_on_a_holdout_split_never_shares_a_row_with_dev_runs() -> None:
+    dev, held = run_record(acc=0.8), run_record(acc=0.9, seed=1)
+    held["data"]["eval_split"] = "holdout"
+    rows = aggregate([(r, verify_record(r).epsilon_recomputed) for r in (dev, held)])
+    assert sorted((r.task, r.n) for r in rows) == [("sst2", 1), ("sst2 (holdout)", 1)]

@@ -20,6 +20,7 @@ from dpbench.data.datamodule import Collator, EncodedDataset
 from dpbench.errors import PrivacyError
 from dpbench.methods.finetune import set_trainable
 from dpbench.models.registry import load_model
+from dpbench.privacy.adam_bc import AdamBC
 from dpbench.privacy.sampling import PoissonBatchSampler
 
 N, SIGMA, CLIP = 64, 2.0, 0.5
@@ -213,3 +214,20 @@ def test_anadp_adaptive_bounds_privatise_counts_with_std_sigma_b(broken: str | N
         counts.append(plan.batch_size * (gamma - torch.log(alloc.clip_norms / bounds) / eta))
     std = float(torch.cat(counts).std())
     assert alloc.k * plan.steps >= 100 and std == pytest.approx(sigma_b, rel=0.15), (std, sigma_b)
+
+
+@pytest.mark.parametrize("anadp", [False, True])
+def test_adam_bc_subtracts_the_variance_the_optimizer_actually_adds(anadp: bool, tmp_path: Path) -> None:
+    """The module hands DP-AdamBC (σC/B)² per parameter (σₖCₖ/B under ANADP): the variance of the noise
+    per coordinate of the release, read from the same numbers the private optimizer draws with."""
+    cfg = _cfg("privacy.batch_size=8", "trainer.max_steps=1", "method.optimizer.name=adam_bc",
+               *(["method=anadp", "method.optimizer.name=adam_bc"] if anadp else []))
+    spec, train, dev, plan, lm = _setup(cfg)
+    res = pipeline.train_classifier(cfg, lm, spec, train, dev, plan, tmp_path, seed=0)
+    module = res.module
+    opt = module.trainer.optimizers[0]
+    stds = (module.allocation.param_noise_stds() if anadp
+            else [SIGMA * CLIP] * len(module.engine.params))
+    want = [(s / opt.expected_batch_size) ** 2 for s in stds]
+    assert module._noise_variances() == pytest.approx(want, rel=1e-12)
+    assert isinstance(opt.optimizer, AdamBC)

@@ -11,7 +11,8 @@ import torch.nn.utils.prune
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from conftest import TEXTS, tiny_batch, tiny_model
+from conftest import TEXTS, TINY, tiny_batch, tiny_model
+from dpbench.models.registry import load_model
 from dpbench.errors import PrivacyError
 from dpbench.methods.finetune import select_trainable
 from dpbench.privacy.engine import make_engine
@@ -78,6 +79,14 @@ def test_engine_matches_naive_loop(engine: str, family: str, mode: str) -> None:
     batch = tiny_batch(lm, TEXTS)
     assert (batch["attention_mask"] == 0).any(), "the batch must contain padding"
     check_against_naive(lm.model, classification_loss(lm), batch, engine, **LOOSER.get((family, engine), {}))
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_mean_pooled_head_is_clipped_exactly_per_example(family: str) -> None:
+    """``model.pooling=mean`` (masked mean over one example's tokens) keeps the engine exact."""
+    lm = load_model({**TINY[family], "pooling": "mean", "head_init": "default"}, 2)
+    lm.model.to(torch.float64).train()
+    check_against_naive(lm.model, classification_loss(lm), tiny_batch(lm, TEXTS), "bk")
 
 
 @pytest.mark.parametrize("engine", ["bk", "opacus"])

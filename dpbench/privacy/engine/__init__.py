@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from dpbench.choices import ENGINES
 from dpbench.errors import ConfigError
 from dpbench.privacy.engine.base import GradientEngine, SumEngine, clip_factors
 
-ENGINES = ("bk", "opacus", "opacus_ghost")
 
 
 def make_engine(name: str, model: nn.Module, clip_norm: float | None, clipping: str = "flat") -> GradientEngine:
