@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/dpbench-leaderboard $(DEMO_DIR) -o $(DEMO_DIR)/leaderboard.html
 
 test: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n 2 tests   # two workers: the 2 cores (pytest-xdist)
 
 clean:
 	rm -rf outputs $(VENV)

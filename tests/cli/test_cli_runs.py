@@ -124,5 +124,6 @@ def test_real_glue_from_local_folder(task: str, shared_data: Path, tmp_path: Pat
                    "task.max_eval_examples=32", "method=dp_bitfit", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = read(out)
-    assert r["status"] == "ok" and r["task"] == task and r["data"] == {"train_examples": 64, "dev_examples": 32}
+    assert r["status"] == "ok" and r["task"] == task and r["data"] == {"train_examples": 64, "dev_examples": 32,
+                                                                  "eval_split": "dev"}
     assert r["privacy"]["delta"] == pytest.approx(1 / 128)

@@ -12,7 +12,7 @@ from test_cli_runs import TINY_RUN, dpbench, read
 if not sys.platform.startswith("linux"):
     pytest.skip("per-job peaks reset the kernel's high-water mark (/proc/self/clear_refs)", allow_module_level=True)
 
-RUN = [*TINY_RUN, "method=dp_full", "privacy.epsilon=8"]
+RUN = [*TINY_RUN, "method=dp_full", "method.freeze_embeddings=false", "privacy.epsilon=8"]  # 512-wide embeddings
 
 
 def test_small_job_after_large_one_records_its_own_peak(tmp_path: Path) -> None:

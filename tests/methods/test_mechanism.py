@@ -31,7 +31,8 @@ def _cfg(*overrides: str):
         return compose("config", overrides=["model=tiny_bert", "task=synthetic", f"task.num_train={N}",
                                             "task.num_dev=16", "task.max_length=16", "method=dp_full",
                                             "method.optimizer.name=sgd", "method.optimizer.lr=1.0",
-                                            "method.optimizer.schedule=constant", "privacy.epsilon=null",
+                                            "method.optimizer.schedule=constant", "method.optimizer.warmup_steps=0",
+                                            "method.optimizer.momentum=0.0", "privacy.epsilon=null",
                                             f"privacy.noise_multiplier={SIGMA}", f"privacy.clip_norm={CLIP}",
                                             "trainer.progress_bar=false", "logger.name=none", *overrides])
 
