@@ -90,7 +90,6 @@ def measure(overrides: list[str], batches: int = 2, granularity: str = "block") 
                          granularity)
         totals = rows if totals is None else [GroupSNR(a.name, a.params, a.signal + b.signal, a.noise)
                                               for a, b in zip(totals, rows)]
-    assert totals is not None
     rows = [GroupSNR(r.name, r.params, r.signal / batches, r.noise) for r in totals]
     info = {"sigma": plan.noise_multiplier, "clip_norm": plan.clip_norm, "batch_size": plan.batch_size,
             "steps": plan.steps, "batches": batches}
@@ -114,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=2, help="logical batches to average the signal over")
     parser.add_argument("--groups", default="block", choices=("block", "module"))
     args = parser.parse_args(argv)
+    if args.batches < 1:
+        parser.exit(2, f"dpbench-snr: error: --batches must be >= 1 (got {args.batches})\n")
     from dpbench.errors import DPBenchError
 
     try:
