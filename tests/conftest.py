@@ -9,6 +9,12 @@ import torch
 
 from dpbench.models.registry import LoadedModel, load_model
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per xdist worker (and per subprocess it starts): `make test` runs one worker per core, and
+    # two workers of two threads each on two cores spend their time contending.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
