@@ -187,6 +187,7 @@ class DPModule(L.LightningModule):
                                noise_streams=torch.get_num_threads() if self.device.type == "cpu" else 1,
                                allocation=self.allocation,
                                max_steps=self.total_steps if self.dp is not None else None)
+        self._private_optimizer = opt  # AdamBC reads its noise variances through it
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -195,10 +196,7 @@ class DPModule(L.LightningModule):
         (divided-by-B) gradient: (σC/B)², or (σₖCₖ/B)² of its group under an allocation."""
         if self.dp is None:
             return [0.0] * len(self.engine.params)
-        b = self.dp.expected_batch_size
-        if self.allocation is not None:
-            return [(s / b) ** 2 for s in self.allocation.param_noise_stds()]
-        return [(self.dp.noise_multiplier * self.dp.clip_norm / b) ** 2] * len(self.engine.params)
+        return [(s / self.dp.expected_batch_size) ** 2 for s in self._private_optimizer.noise_stds()]
 
     def _lr_lambda(self, step: int) -> float:
         c = self.optim_cfg

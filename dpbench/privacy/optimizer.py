@@ -160,15 +160,20 @@ class PrivateOptimizer(Optimizer):
         if alloc.adaptive:
             self.engine.set_group_clips(alloc.clip_norms)
 
+    def noise_stds(self) -> list[float]:
+        """Per trainable parameter, the std of the noise added to each coordinate of the clipped sum:
+        σC, or σₖCₖ of its group under an allocation; 0 when not private."""
+        if self.noise_multiplier is None:
+            return [0.0] * len(self.engine.params)
+        if self.allocation is not None:
+            return self.allocation.param_noise_stds()
+        return [float(self.noise_multiplier) * float(self.engine.clip_norm or 0.0)] * len(self.engine.params)
+
     def _fill_noise(self, sums: list[Tensor]) -> None:
         """sums[i] ← N(0, σ²C²) in place (a logical batch opens; σₖCₖ of its group under an
         allocation), each stream drawing its own parameters."""
-        if rank_world()[0] != 0:  # data parallel: the noise is drawn once, on rank 0
-            stds = [0.0] * len(sums)
-        elif self.allocation is not None:
-            stds = self.allocation.param_noise_stds()
-        else:
-            stds = [float(self.noise_multiplier or 0.0) * float(self.engine.clip_norm or 0.0)] * len(sums)
+        # data parallel: the noise is drawn once, on rank 0
+        stds = self.noise_stds() if rank_world()[0] == 0 else [0.0] * len(sums)
 
         def draw(stream: tuple[torch.Generator | None, list[int]]) -> None:
             generator, indices = stream
