@@ -110,7 +110,8 @@ def page(rows: list[Row], rejected: list[Verdict], unjoined: list[PaperRow], plo
 <style>{_CSS}</style></head><body><h1>dpbench leaderboard</h1>
 <p class="note">{len(rows)} configurations from {sum(r.n for r in rows)} verified runs. Every ε was recomputed
 from the logged mechanism (σ, q, steps, δ of each stage) with the PRV accountant; mean ± std over seeds (n).
-Paper numbers are shown as printed in their source (percent), beside ours (fractions). Click a header to sort.</p>
+Paper numbers are shown on our scale (fractions); a paper's relative claim is shown beside the change we measured
+against the same reference run (points). Click a header to sort.</p>
 <table class="sortable"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <h2>Plots</h2>{imgs or '<p>No plots (no private runs with values).</p>'}
 <h2>Published baselines without a matching run</h2><ul>{papers or '<li>none</li>'}</ul>
