@@ -12,18 +12,23 @@ remaining steps with the same noise and data, and its record equals an uninterru
 stage is loaded, not trained again. A checkpoint whose fingerprint differs from the stage the config now
 plans (another ε, δ, batch size, step count ...) is refused: its steps have been spent, and a changed
 config cannot reset them. Start a new run folder instead.
+
+A stop signal (SIGTERM, SIGINT; :mod:`dpbench.stopping`) during a stage is deferred to the end of its logical
+batch by :class:`StopAtBatchEnd`, which saves the checkpoint first, so a preempted run resumes where it stopped.
 """
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import lightning as L
 import torch
 
 from dpbench.errors import PrivacyError
+from dpbench.stopping import RunStopped, State
 
 if TYPE_CHECKING:
     from dpbench.methods.base import DPModule
@@ -129,3 +134,38 @@ class StageCheckpoint(L.Callback):
                       "rng": torch.get_rng_state(),
                       "throughput": module.throughput.saved(),
                       "train_s": self.train_s_before + time.perf_counter() - self._t0}, self.path)
+
+
+class StopAtBatchEnd(L.Callback):
+    """Defers a stop signal during ``fit`` to the end of the logical batch; ``save`` (the stage's checkpoint,
+    if it has one) runs first. The message says how far the stage got and how to go on."""
+
+    def __init__(self, stage: str, planned_steps: int, save: Callable[[L.Trainer, L.LightningModule], None] | None):
+        self.stage, self.planned, self.save = stage, int(planned_steps), save
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        State.deferring = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        self._check(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        State.deferring = False
+        self._check(trainer, module)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        State.deferring = False
+
+    def _check(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        signum = State.requested
+        if signum is None:
+            return
+        State.deferring = False
+        steps = int(getattr(trainer.optimizers[0], "steps", trainer.global_step))
+        how = "run the same command to resume from its checkpoint"
+        if self.save is not None:
+            self.save(trainer, module)
+        else:
+            how = "its steps are spent; set trainer.checkpoint_every_n_steps to make a run resumable"
+        raise RunStopped(f"stopped by {signal.Signals(signum).name} after {steps} of {self.planned} steps of stage "
+                         f"'{self.stage}'; {how}", signum)

@@ -1,7 +1,11 @@
 """The ``dpbench`` command: one run (or a sweep with ``-m``) from Hydra configs in ``conf/``.
 
 Errors in the user's input print one line that names the fix and exit with status 2; a run that
-fails leaves ``results.json`` with ``status: "failed"``, never ``"ok"``.
+fails leaves ``results.json`` with ``status: "failed"``, never ``"ok"``; a run stopped by SIGTERM/SIGINT
+leaves ``status: "stopped"`` and exits with 128 + the signal (:mod:`dpbench.stopping`). A folder holding a
+completed record is never run into again unless ``replace_completed_run=true``; the completed record is then
+kept (``results.replaced-<time>.json``), and an attempt that fails or stops writes ``results.failed.json`` /
+``results.stopped.json`` beside it.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import os
 import sys
 import tempfile
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -136,19 +141,30 @@ def _task(cfg) -> None:
 
 def _run_job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
 
     from dpbench.config import check_sources, validate
     from dpbench.errors import DPBenchError
     from dpbench.results.io import RESULTS_FILE, write_json_atomic
     from dpbench.results.memory import start_job_peak
+    from dpbench.results.schema import STATUS_FAILED, STATUS_STOPPED
+
+    from dpbench.stopping import RunStopped, install
 
     _quiet()  # again: Hydra has just configured logging for the job
+    install()  # SIGTERM / SIGINT stop the run with a "stopped" record and a non-zero exit
     start_job_peak()  # the record's peak memory is this job's, also in a sweep
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     results = out_dir / RESULTS_FILE
-    if results.exists():
-        results.unlink()  # a stale record must never stand in for this run
+    completed = _holds_completed_run(results)
+    if completed and not cfg.get("replace_completed_run"):
+        message = (f"'{results}' holds a completed run; use a new hydra.run.dir, or add replace_completed_run=true "
+                   "to run again (the completed record is then kept beside the new one)")
+        print(f"dpbench: error: {message}", file=sys.stderr)
+        _failures.append(message)
+        return
+    if results.exists() and not completed:
+        results.unlink()  # a failed or stopped attempt's record must never stand in for this run
+    attempt = out_dir / "results.failed.json" if completed else results  # never over a completed record
     try:
         validate(cfg)  # before torch is imported: a bad option costs a second, not the imports
         check_sources(cfg)
@@ -163,14 +179,14 @@ def _run_job(cfg) -> None:
 
             torch.set_num_threads(int(threads))
         record = get_runner(cfg.method.get("kind", "finetune"))(cfg, out_dir)
+    except RunStopped as e:
+        _write_attempt(attempt.with_name("results.stopped.json") if completed else results, STATUS_STOPPED, str(e),
+                       cfg)
+        print(f"dpbench: stopped: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
     except (DPBenchError, Exception) as e:  # noqa: BLE001 - every failure is recorded, then reported
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        try:
-            write_json_atomic(results, {"status": "failed", "error": message, "task": cfg.task.get("name"),
-                                        "model": cfg.model.get("name"), "method": cfg.method.get("name"),
-                                        "seed": cfg.get("seed"), "config": OmegaConf.to_container(cfg)})
-        except OSError:
-            pass
+        _write_attempt(attempt, STATUS_FAILED, message, cfg)
         if not isinstance(e, DPBenchError):
             raise
         print(f"dpbench: error: {message}", file=sys.stderr)
@@ -187,6 +203,9 @@ def _run_job(cfg) -> None:
                   f"exceeds the claimed ε={record.privacy.epsilon:.3f}", file=sys.stderr)
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) != 0:
         return  # data parallel: rank 0 writes the record
+    if completed:  # the user asked to run again: the completed record is kept, renamed, never destroyed
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        os.replace(results, results.with_name(f"results.replaced-{stamp}.json"))
     write_json_atomic(results, record.to_dict())
     from dpbench.pipeline import publish_record
 
@@ -196,6 +215,29 @@ def _run_job(cfg) -> None:
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in record.metrics.items())
     print(f"dpbench: {record.method} on {record.task} ({record.model}): {metrics}; {privacy}; "
           f"{record.timing['steps']} steps in {record.timing['train_s']:.1f}s → {results}")
+
+
+def _holds_completed_run(results: Path) -> bool:
+    from dpbench.results.io import read_json
+
+    try:
+        return results.is_file() and read_json(results).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+def _write_attempt(path: Path, status: str, message: str, cfg) -> None:
+    """The record of a run that did not complete: its status and why, never the fields of a result."""
+    from omegaconf import OmegaConf
+
+    from dpbench.results.io import write_json_atomic
+
+    try:
+        write_json_atomic(path, {"status": status, "error": message, "task": cfg.task.get("name"),
+                                 "model": cfg.model.get("name"), "method": cfg.method.get("name"),
+                                 "seed": cfg.get("seed"), "config": OmegaConf.to_container(cfg)})
+    except OSError:
+        pass
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpbench.checkpointing import StageCheckpoint, fingerprint
+from dpbench.checkpointing import StageCheckpoint, StopAtBatchEnd, fingerprint
 from dpbench.data.batching import MicroBatching
 from dpbench.data.datamodule import Collator, EncodedDataset, TextDataModule
 from dpbench.data.examples import TextClassificationData
@@ -308,7 +308,8 @@ def run_stage(cfg: DictConfig, module: DPModule, data: L.LightningDataModule, pl
     if isinstance(devices, int) and devices > 1:  # data parallel: the private optimizer reduces (distributed.py)
         strategy = PrivateDDPStrategy(process_group_backend="gloo" if t.get("accelerator", "cpu") == "cpu" else None)
     progress = bool(t.get("progress_bar", True))
-    callbacks = [c for c in (ckpt, StepProgressBar(stage_name) if progress else None) if c is not None]
+    stop = StopAtBatchEnd(stage_name, plan.steps, ckpt.save if ckpt is not None else None)  # after ckpt's own save
+    callbacks = [c for c in (ckpt, stop, StepProgressBar(stage_name) if progress else None) if c is not None]
     trainer = L.Trainer(
         accelerator=t.get("accelerator", "cpu"), devices=devices, strategy=strategy,
         precision=t.get("precision", "32-true"),

@@ -60,8 +60,10 @@ def test_multirun_template_composes_with_its_sweep(template: str) -> None:
 
 
 def test_slurm_launcher_config_composes() -> None:
-    """The documented cluster launcher (``hydra/launcher=slurm_gpu``) resolves to submitit's SLURM launcher."""
+    """The documented cluster launcher (``hydra/launcher=slurm_gpu``) resolves to submitit's SLURM launcher, and
+    requeues a job that times out (a stopped run resumes from its checkpoint: tests/cli/test_resume.py)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["hydra/launcher=slurm_gpu"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1
+    assert cfg.hydra.launcher.max_num_timeout >= 1 and cfg.hydra.launcher.signal_delay_s > 0

@@ -11,6 +11,7 @@ from typing import Any
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 STATUS_RUNNING = "running"
+STATUS_STOPPED = "stopped"  # ended by a signal (dpbench.stopping)
 
 
 @dataclass
