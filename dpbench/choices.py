@@ -7,3 +7,11 @@ CLIP_SPLITS = ("equal", "size")                   # dpbench.privacy.allocation: 
 GRANULARITIES = ("module", "block")               # dpbench.privacy.allocation: ANADP's groups
 OPTIMIZERS = ("adam", "adam_bc", "sgd")           # dpbench.methods.base.DPModule.configure_optimizers
 SCHEDULES = ("linear", "constant")
+POOLINGS = ("cls", "mean")                        # dpbench.models.heads
+HEAD_INITS = ("default", "zero")                  # dpbench.models.heads
+PRUNE_SCOPES = ("global", "layer")                # dpbench.compression.sparsity
+CLIPPINGS = ("flat", "automatic")                 # dpbench.privacy.clipping
+ACCOUNTANTS = ("prv",)
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")     # Lightning's names
+PRECISIONS = ("32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+

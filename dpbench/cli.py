@@ -142,7 +142,7 @@ def _task(cfg) -> None:
 def _run_job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from dpbench.config import check_sources, validate
+    from dpbench.config import check_devices, check_sources, validate
     from dpbench.errors import DPBenchError
     from dpbench.results.io import RESULTS_FILE, write_json_atomic
     from dpbench.results.memory import start_job_peak
@@ -168,6 +168,7 @@ def _run_job(cfg) -> None:
     try:
         validate(cfg)  # before torch is imported: a bad option costs a second, not the imports
         check_sources(cfg)
+        check_devices(cfg)
         from dpbench.allocator import reuse_freed_memory
         from dpbench.methods import get_runner
 

@@ -254,7 +254,8 @@ def dp_config(cfg: DictConfig, plan: PrivacyPlan, seed: int) -> DPConfig | None:
     p = cfg.privacy
     return DPConfig(noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
                     expected_batch_size=plan.batch_size, engine=p.get("engine", "bk"),
-                    clipping=p.get("clipping", "flat"), noise_seed=seed + 1, allocation=allocation_config(cfg.method))
+                    clipping=p.get("clipping", "flat"), noise_seed=seed + 1, allocation=allocation_config(cfg.method),
+                    self_check=bool(p.get("self_check", True)))
 
 
 def train_classifier(cfg: DictConfig, lm: LoadedModel, spec: TaskSpec, train: TextClassificationData,

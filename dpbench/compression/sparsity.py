@@ -14,9 +14,10 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 from transformers.pytorch_utils import Conv1D
 
+from dpbench.choices import PRUNE_SCOPES
 from dpbench.methods.finetune import is_head
 
-SCOPES = ("global", "layer")
+SCOPES = PRUNE_SCOPES
 
 
 def prunable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dpbench.data.batching import MicroBatching, microbatches
 from dpbench.data.metrics import make_metrics
@@ -28,6 +28,7 @@ from dpbench.errors import ConfigError
 from dpbench.privacy.adam_bc import AdamBC
 from dpbench.privacy.allocation import AllocationConfig, NoiseAllocation, group_names
 from dpbench.privacy.engine import make_engine
+from dpbench.privacy.engine.selfcheck import check_engine
 from dpbench.privacy.optimizer import PrivateOptimizer
 
 
@@ -53,6 +54,7 @@ class DPConfig:
     clipping: str = "flat"
     noise_seed: int = 0
     allocation: AllocationConfig | None = None  # ANADP: per-group clipping and noise allocation
+    self_check: bool = True  # the bk engine proves itself on the first micro-batch (engine/selfcheck.py)
 
 
 def upcast(logits: Tensor) -> Tensor:
@@ -124,11 +126,18 @@ class DPModule(L.LightningModule):
             self.engine.set_groups(group_of, self.allocation.clip_norms, count_unclipped=self.allocation.adaptive)
         self.final_metrics: dict[str, float] = {}
         self.automatic_optimization = True
+        self._engine_checked = False
 
     # -- training ------------------------------------------------------------------------------
-    def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """One loss per example, shape (B,), computed through ``self.engine.module``."""
+    def per_sample_loss(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> Tensor:
+        """One loss per example, shape (B,), computed through ``model`` (default ``self.engine.module``)."""
         raise NotImplementedError
+
+    def check_engine(self, micro: dict[str, Tensor]) -> None:
+        """Once, before the first private step: the engine proves itself on this micro-batch."""
+        self._engine_checked = True
+        if self.dp is not None and self.dp.self_check and self.dp.engine == "bk":
+            check_engine(self.model, lambda m, b: self.per_sample_loss(b, m), micro)
 
     def accumulate(self, batch: dict[str, Tensor]) -> Tensor:
         """Per-sample losses of one logical batch, micro-batch by micro-batch, into the engine (which
@@ -136,6 +145,8 @@ class DPModule(L.LightningModule):
         n = batch["attention_mask"].shape[0]
         total = torch.zeros((), device=self.device)
         for micro in microbatches(batch, self.batching):
+            if not self._engine_checked:
+                self.check_engine(micro)
             losses = self.per_sample_loss(micro)
             self.engine.accumulate(losses)
             total += losses.detach().sum()
@@ -232,8 +243,8 @@ class ClassifierModule(DPModule):
         self.spec = spec
         self.val_metrics = make_metrics(spec)
 
-    def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        logits = self.engine.module(**self.lm.inputs(batch)).logits
+    def per_sample_loss(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> Tensor:
+        logits = (self.engine.module if model is None else model)(**self.lm.inputs(batch)).logits
         return F.cross_entropy(upcast(logits), batch["labels"], reduction="none")
 
     # -- evaluation ----------------------------------------------------------------------------

@@ -49,11 +49,11 @@ class DistillModule(ClassifierModule):
         self.teacher = teacher.eval().requires_grad_(False)
         self.temperature, self.alpha = temperature, alpha
 
-    def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def per_sample_loss(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> Tensor:
         inputs = self.lm.inputs(batch)
         with torch.no_grad():
             teacher_logits = upcast(self.teacher(**inputs).logits)
-        student_logits = upcast(self.engine.module(**inputs).logits)
+        student_logits = upcast((self.engine.module if model is None else model)(**inputs).logits)
         return kd_loss(student_logits, teacher_logits, batch["labels"], self.temperature, self.alpha)
 
     def train(self, mode: bool = True) -> "DistillModule":

@@ -53,8 +53,8 @@ class CausalLMModule(DPModule):
         super().__init__(*args, **kwargs)
         self._nll_sum, self._tokens = 0.0, 0
 
-    def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        return token_nll(self.engine.module(**self.lm.inputs(batch)).logits, batch["labels"])
+    def per_sample_loss(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> Tensor:
+        return token_nll((self.engine.module if model is None else model)(**self.lm.inputs(batch)).logits, batch["labels"])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits = self.model(**self.lm.inputs(batch)).logits
@@ -84,11 +84,11 @@ class LMDistillModule(CausalLMModule):
         self.teacher.eval()
         return self
 
-    def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
+    def per_sample_loss(self, batch: dict[str, Tensor], model: nn.Module | None = None) -> Tensor:
         inputs, hidden = self.lm.inputs(batch), self.alpha > 0
         with torch.no_grad():
             t = self.teacher(**inputs, output_hidden_states=hidden)
-        s = self.engine.module(**inputs, output_hidden_states=hidden)
+        s = (self.engine.module if model is None else model)(**inputs, output_hidden_states=hidden)
         loss = distillation_loss(s.logits, t.logits, batch["labels"], self.lam, self.temperature)
         if hidden:
             mask = (batch["labels"] != -100).unsqueeze(-1)

@@ -26,10 +26,9 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from dpbench.choices import HEAD_INITS, POOLINGS
 from dpbench.errors import ConfigError
 
-POOLINGS = ("cls", "mean")
-HEAD_INITS = ("default", "zero")
 MEAN_POOLING_FAMILIES = ("bert", "roberta")
 _POOLED_CLASSES: dict[type, type] = {}
 

@@ -31,6 +31,12 @@ BAD_INPUTS = {
     "group_by_length_word": (["privacy.group_by_length=sometimes"], "privacy.group_by_length"),
     "max_steps_zero": (["trainer.max_steps=0"], "trainer.max_steps"),
     "epochs_zero": (["trainer.max_steps=null", "privacy.epochs=0"], "privacy.epochs"),
+    # options of the wrong type or range (every option has a rule: tests/test_config_rules.py)
+    "lr_negative": (["method.optimizer.lr=-1"], "method.optimizer.lr"),
+    "lr_word": (["method.optimizer.lr=fast"], "method.optimizer.lr"),
+    "devices_zero": (["trainer.devices=0"], "trainer.devices"),
+    "max_length_zero": (["task.max_length=0"], "task.max_length"),
+    "gpu_absent": (["trainer.accelerator=gpu"], "trainer.accelerator=gpu"),
     # config names and keys
     "unknown_key": (["privacy.epsilonn=3"], "privacy.epsilonn"),
     "unknown_task": (["task=nope"], "unknown task 'nope'"),
@@ -62,6 +68,12 @@ BAD_INPUTS = {
 }
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _data_folders(tmp: Path) -> None:
     _tsv(tmp / "bad", "sentence\tlabel\nfine\t1\nno label column here\n")
     _tsv(tmp / "empty", "sentence\tlabel\n")
@@ -75,6 +87,8 @@ def test_enough_distinct_cases() -> None:
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_one_line_error(case: str, tmp_path: Path) -> None:
+    if case == "gpu_absent" and _has_cuda():
+        pytest.skip("this machine has a CUDA GPU")
     _data_folders(tmp_path)
     overrides, expected = BAD_INPUTS[case]
     overrides = [o.format(tmp=tmp_path) for o in overrides]

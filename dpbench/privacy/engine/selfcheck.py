@@ -1,0 +1,141 @@
+"""The engine proves itself on the run's own model before the first private step.
+
+The book-keeping engine sees a parameter only through a hooked module call and trusts the shapes it captures,
+so a model outside the tested families can defeat it silently: a Linear whose output is changed in place, a
+weight also used through a functional call, an activation whose first dimension is not the batch, a module
+that mixes examples (batch statistics). :func:`check_engine` runs on the first micro-batch of a run and
+refuses, in one line naming the module or parameter, when
+
+1. a module in training mode computes batch statistics (BatchNorm, frozen or not): one example's output
+   would depend on the others, so no per-sample bound holds;
+2. an example's loss computed in the batch differs from the same example's loss computed alone;
+3. for ``k`` examples, a fresh engine of the same kind with clipping off gives a per-parameter gradient sum or
+   a per-sample norm that differs from plain autograd's, computed one example at a time.
+
+Dropout is switched off for the check (both sides see the same function); nothing the check does touches
+the run's state (the run's engine, its sums, the RNG). Its cost is one extra forward and backward of ``k``
+examples together and ``k`` alone (docs/engine.md). Only the ``bk`` engine is checked; opacus' engines have
+their own hooks.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from dpbench.errors import PrivacyError
+
+LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]  # (module to call, batch) → per-sample losses (B,)
+
+
+@contextmanager
+def _dropout_off(model: nn.Module) -> Iterator[None]:
+    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+    for m in dropouts:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in dropouts:
+            m.train()
+
+
+def _rows(batch: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
+    return {k: v[rows] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+
+
+def check_coupling_modules(model: nn.Module) -> None:
+    """Refuse modules that compute statistics over the batch in training mode (trainable or frozen)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise PrivacyError(f"module '{name}' ({type(m).__name__}) uses batch statistics in training mode, so one "
+                               "example's output depends on the others and per-sample clipping bounds nothing; "
+                               "put it in eval mode or replace it with LayerNorm/GroupNorm")
+
+
+def check_engine(model: nn.Module, loss_fn: LossFn, batch: dict[str, Tensor], k: int = 2,
+                 rtol: float = 1e-3) -> None:
+    """Raise :class:`PrivacyError` unless the ``bk`` engine's unclipped per-sample gradients of ``model`` on the
+    first ``k`` examples of ``batch`` equal plain autograd's (see the module docstring)."""
+    from dpbench.privacy.engine import make_engine
+
+    check_coupling_modules(model)
+    k = min(k, int(batch["attention_mask"].shape[0]))
+    sub = _rows(batch, slice(0, k))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with _dropout_off(model):
+        alone = []
+        for i in range(k):
+            loss = loss_fn(model, _rows(sub, slice(i, i + 1)))
+            grads = torch.autograd.grad(loss.sum(), [p for _, p in params], allow_unused=True)
+            alone.append((loss.detach()[0], [torch.zeros_like(p) if g is None else g for (_, p), g in zip(params, grads)]))
+        fresh = make_engine("bk", model, float("inf"), "flat")
+        try:
+            together = loss_fn(fresh.module, sub)
+            norms = fresh.accumulate(together)
+            sums = fresh.release()
+        except (RuntimeError, ValueError, IndexError) as e:  # shapes or graphs it cannot follow
+            where = _culprit(model, loss_fn, sub, params, alone, rtol)
+            raise PrivacyError(f"the bk engine cannot follow {where or 'this model'} "
+                               f"({str(e).splitlines()[0][:160]}); freeze it or use privacy.engine=opacus") from None
+        finally:
+            fresh.close()
+    together = together.detach()
+    for i, (loss, _) in enumerate(alone):
+        if not torch.isclose(together[i], loss, rtol=rtol, atol=1e-6):
+            raise PrivacyError(f"example {i}'s loss is {float(together[i]):.6g} in its batch but {float(loss):.6g} "
+                               "alone: a module mixes examples, so per-sample clipping bounds nothing; find the "
+                               "module that uses other rows of the batch")
+    for j, (name, _) in enumerate(params):
+        ref = sum(g[j] for _, g in alone)
+        scale = float(ref.norm()) + 1e-12
+        if float((sums[j] - ref).norm()) > rtol * scale + 1e-7:
+            raise PrivacyError(f"the engine's gradient of '{name}' differs from autograd's (norm {float(sums[j].norm()):.4g} "
+                               f"against {float(ref.norm()):.4g}): its module is used in a way the bk engine cannot "
+                               "see (an in-place change of its output, a functional use of its weight, a "
+                               "non-tensor output); freeze it or use privacy.engine=opacus")
+    ref_norms = torch.stack([torch.sqrt(sum(g[j].double().pow(2).sum() for j in range(len(params))))
+                             for _, g in alone])
+    bad = ~torch.isclose(norms.double(), ref_norms.to(norms.device), rtol=rtol, atol=1e-7)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        where = _culprit(model, loss_fn, sub, params, alone, rtol)
+        raise PrivacyError(f"the engine's per-sample gradient norm of example {i} is {float(norms[i]):.4g}, autograd's "
+                           f"{float(ref_norms[i]):.4g}{f' (in {where})' if where else ''}: its activations do not have "
+                           "the batch as their first dimension (e.g. sequence-first inputs), so clipping would bound "
+                           "the wrong rows; freeze it or use privacy.engine=opacus")
+
+
+def _culprit(model: nn.Module, loss_fn: LossFn, sub: dict[str, Tensor], params: list[tuple[str, nn.Parameter]],
+             alone: list, rtol: float) -> str | None:
+    """On failure only: the first module whose parameters, alone trainable, make the engine fail or give
+    per-sample norms unlike autograd's."""
+    from dpbench.privacy.engine import make_engine
+
+    modules: dict[str, list[int]] = {}
+    for j, (name, _) in enumerate(params):
+        modules.setdefault(name.rpartition(".")[0], []).append(j)
+    for module, idx in modules.items():
+        keep = {id(params[j][1]) for j in idx}
+        frozen = [p for _, p in params if id(p) not in keep]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            with _dropout_off(model):
+                fresh = make_engine("bk", model, float("inf"), "flat")
+                try:
+                    norms = fresh.accumulate(loss_fn(fresh.module, sub))
+                    fresh.release()
+                except (RuntimeError, ValueError, IndexError):
+                    return f"module '{module}'"
+                finally:
+                    fresh.close()
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        ref = torch.stack([torch.sqrt(sum(g[j].double().pow(2).sum() for j in idx)) for _, g in alone])
+        if not torch.allclose(norms.double(), ref.to(norms.device), rtol=rtol, atol=1e-7):
+            return f"module '{module}'"
+    return None
