@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TEXTS, tiny_batch, tiny_model
+from conftest import TEXTS, TINY, tiny_batch, tiny_model
 from dpbench.errors import PrivacyError
+from dpbench.models.registry import load_model
 from dpbench.privacy.engine.selfcheck import check_engine
 
 B, T, D = 3, 5, 4
@@ -151,3 +152,17 @@ def test_engine_self_check_passes_the_tested_families_and_changes_nothing(family
     check_engine(lm.model, loss, batch, k=3)
     assert all(torch.equal(p, before[n]) and p.grad is None for n, p in lm.model.named_parameters())
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_engine_self_check_sees_through_dropout_and_restores_train_mode() -> None:
+    """Dropout 0.1 (nn.Dropout and the attention kernel's dropout_p) would make the two sides differ: the
+    check runs in eval mode and leaves every module's train flag as it found it."""
+    lm = load_model({**TINY["bert"], "dropout": 0.1}, 2)
+    lm.model.to(torch.float64).train()
+    batch = tiny_batch(lm, TEXTS)
+
+    def loss(model, b):
+        return F.cross_entropy(model(**lm.inputs(b)).logits, b["labels"], reduction="none")
+
+    check_engine(lm.model, loss, batch, k=3)
+    assert all(m.training for m in lm.model.modules())

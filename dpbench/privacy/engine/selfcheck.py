@@ -12,7 +12,7 @@ refuses, in one line naming the module or parameter, when
 3. for ``k`` examples, a fresh engine of the same kind with clipping off gives a per-parameter gradient sum or
    a per-sample norm that differs from plain autograd's, computed one example at a time.
 
-Dropout is switched off for the check (both sides see the same function); nothing the check does touches
+Dropout is switched off for the check (eval mode, so both sides see the same function); nothing it does touches
 the run's state (the run's engine, its sums, the RNG). Its cost is one extra forward and backward of ``k``
 examples together and ``k`` alone (docs/engine.md). Only the ``bk`` engine is checked; opacus' engines have
 their own hooks.
@@ -32,18 +32,25 @@ LossFn = Callable[[nn.Module, dict[str, Tensor]], Tensor]  # (module to call, ba
 
 @contextmanager
 def _dropout_off(model: nn.Module) -> Iterator[None]:
-    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
-    for m in dropouts:
-        m.eval()
+    """Eval mode for the check, so that every dropout is off (``nn.Dropout`` and the attention kernels' own
+    ``dropout_p``, which follows ``module.training``); each module's mode is restored after. Batch statistics,
+    the one train-mode behaviour that would hide coupling, are refused before this."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         yield
     finally:
-        for m in dropouts:
-            m.train()
+        for m, training in modes:
+            m.training = training
 
 
 def _rows(batch: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
     return {k: v[rows] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+
+
+def _norm(tensors: list[Tensor]) -> Tensor:
+    """The norm of the concatenation, in float64 (one norm per tensor, then combined)."""
+    return torch.stack([torch.linalg.vector_norm(t).double() for t in tensors]).pow(2).sum().sqrt()
 
 
 def check_coupling_modules(model: nn.Module) -> None:
@@ -96,8 +103,7 @@ def check_engine(model: nn.Module, loss_fn: LossFn, batch: dict[str, Tensor], k:
                                f"against {float(ref.norm()):.4g}): its module is used in a way the bk engine cannot "
                                "see (an in-place change of its output, a functional use of its weight, a "
                                "non-tensor output); freeze it or use privacy.engine=opacus")
-    ref_norms = torch.stack([torch.sqrt(sum(g[j].double().pow(2).sum() for j in range(len(params))))
-                             for _, g in alone])
+    ref_norms = torch.stack([_norm(g) for _, g in alone])
     bad = ~torch.isclose(norms.double(), ref_norms.to(norms.device), rtol=rtol, atol=1e-7)
     if bad.any():
         i = int(bad.nonzero()[0])
@@ -135,7 +141,7 @@ def _culprit(model: nn.Module, loss_fn: LossFn, sub: dict[str, Tensor], params: 
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        ref = torch.stack([torch.sqrt(sum(g[j].double().pow(2).sum() for j in idx)) for _, g in alone])
+        ref = torch.stack([_norm([g[j] for j in idx]) for _, g in alone])
         if not torch.allclose(norms.double(), ref.to(norms.device), rtol=rtol, atol=1e-7):
             return f"module '{module}'"
     return None
