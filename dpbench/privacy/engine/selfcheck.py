@@ -145,3 +145,57 @@ def _culprit(model: nn.Module, loss_fn: LossFn, sub: dict[str, Tensor], params: 
         if not torch.allclose(norms.double(), ref.to(norms.device), rtol=rtol, atol=1e-7):
             return f"module '{module}'"
     return None
+
+
+def measure_cost(data_dir: str, repeats: int = 4) -> str:
+    """The check's cost against one ``bk`` micro-batch of 64 SST-2 sentences on the packaged MiniLM with
+    ``dp_full``'s trainable set, interleaved in one process (``python -m dpbench.privacy.engine.selfcheck DIR``)."""
+    import statistics
+    import time
+    from pathlib import Path
+
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+
+    from dpbench.methods.finetune import freeze_embeddings
+    from dpbench.models.registry import load_model
+    from dpbench.privacy.engine import make_engine
+
+    conf = Path(__file__).resolve().parents[3] / "conf" / "model" / "minilm.yaml"
+    lm = load_model(OmegaConf.to_container(OmegaConf.load(conf)), 2)
+    model = lm.model.train()
+    freeze_embeddings(model)
+    rows = [r.split("\t") for r in (Path(data_dir) / "train.tsv").read_text().splitlines()[1:65]]
+    enc = lm.tokenizer([r[0] for r in rows], padding=True, return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+             "labels": torch.tensor([int(r[1]) for r in rows])}
+
+    def loss(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        return F.cross_entropy(m(**lm.inputs(b)).logits, b["labels"], reduction="none")
+
+    engine = make_engine("bk", model, 1.0)
+
+    def step() -> None:
+        engine.accumulate(loss(engine.module, batch))
+        engine.release()
+
+    def check() -> None:
+        check_engine(model, loss, batch, k=2)
+
+    times: dict[str, list[float]] = {"step": [], "check": []}
+    for i in range(repeats + 1):  # the first round warms up
+        for name, f in (("step", step), ("check", check)):
+            t0 = time.perf_counter()
+            f()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    s, c = (statistics.median(times[k]) for k in ("step", "check"))
+    return (f"torch {torch.get_num_threads()} threads; a bk micro-batch of 64 SST-2 sentences (padded to "
+            f"{batch['input_ids'].shape[1]}) {s * 1000:.0f} ms; the self-check (k=2) {c * 1000:.0f} ms = "
+            f"{c / s:.2f}x one micro-batch, {c / (s * 1000 / 64):.4f}x one logical batch of 1000")
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(measure_cost(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/sst2"))
