@@ -164,7 +164,10 @@ def _run_job(cfg) -> None:
         return
     if results.exists() and not completed:
         results.unlink()  # a failed or stopped attempt's record must never stand in for this run
-    attempt = out_dir / "results.failed.json" if completed else results  # never over a completed record
+
+    def attempt(status: str) -> Path:  # where a run that did not complete is recorded: never over a completed one
+        return out_dir / f"results.{status}.json" if completed else results
+
     try:
         validate(cfg)  # before torch is imported: a bad option costs a second, not the imports
         check_sources(cfg)
@@ -181,13 +184,12 @@ def _run_job(cfg) -> None:
             torch.set_num_threads(int(threads))
         record = get_runner(cfg.method.get("kind", "finetune"))(cfg, out_dir)
     except RunStopped as e:
-        _write_attempt(attempt.with_name("results.stopped.json") if completed else results, STATUS_STOPPED, str(e),
-                       cfg)
+        _write_attempt(attempt(STATUS_STOPPED), STATUS_STOPPED, str(e), cfg)
         print(f"dpbench: stopped: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     except (DPBenchError, Exception) as e:  # noqa: BLE001 - every failure is recorded, then reported
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        _write_attempt(attempt, STATUS_FAILED, message, cfg)
+        _write_attempt(attempt(STATUS_FAILED), STATUS_FAILED, message, cfg)
         if not isinstance(e, DPBenchError):
             raise
         print(f"dpbench: error: {message}", file=sys.stderr)

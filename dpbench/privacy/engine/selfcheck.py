@@ -66,8 +66,6 @@ def check_engine(model: nn.Module, loss_fn: LossFn, batch: dict[str, Tensor], k:
                  rtol: float = 1e-3) -> None:
     """Raise :class:`PrivacyError` unless the ``bk`` engine's unclipped per-sample gradients of ``model`` on the
     first ``k`` examples of ``batch`` equal plain autograd's (see the module docstring)."""
-    from dpbench.privacy.engine import make_engine
-
     check_coupling_modules(model)
     k = min(k, int(batch["attention_mask"].shape[0]))
     sub = _rows(batch, slice(0, k))
@@ -78,17 +76,12 @@ def check_engine(model: nn.Module, loss_fn: LossFn, batch: dict[str, Tensor], k:
             loss = loss_fn(model, _rows(sub, slice(i, i + 1)))
             grads = torch.autograd.grad(loss.sum(), [p for _, p in params], allow_unused=True)
             alone.append((loss.detach()[0], [torch.zeros_like(p) if g is None else g for (_, p), g in zip(params, grads)]))
-        fresh = make_engine("bk", model, float("inf"), "flat")
         try:
-            together = loss_fn(fresh.module, sub)
-            norms = fresh.accumulate(together)
-            sums = fresh.release()
+            together, norms, sums = _unclipped(model, loss_fn, sub)
         except (RuntimeError, ValueError, IndexError) as e:  # shapes or graphs it cannot follow
             where = _culprit(model, loss_fn, sub, params, alone, rtol)
             raise PrivacyError(f"the bk engine cannot follow {where or 'this model'} "
                                f"({str(e).splitlines()[0][:160]}); freeze it or use privacy.engine=opacus") from None
-        finally:
-            fresh.close()
     together = together.detach()
     for i, (loss, _) in enumerate(alone):
         if not torch.isclose(together[i], loss, rtol=rtol, atol=1e-6):
@@ -114,12 +107,23 @@ def check_engine(model: nn.Module, loss_fn: LossFn, batch: dict[str, Tensor], k:
                            "the wrong rows; freeze it or use privacy.engine=opacus")
 
 
+def _unclipped(model: nn.Module, loss_fn: LossFn, sub: dict[str, Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """A fresh ``bk`` engine with clipping off on ``sub``: the losses, the per-sample norms and the sums."""
+    from dpbench.privacy.engine import make_engine
+
+    fresh = make_engine("bk", model, float("inf"), "flat")
+    try:
+        losses = loss_fn(fresh.module, sub)
+        norms = fresh.accumulate(losses)
+        return losses, norms, fresh.release()
+    finally:
+        fresh.close()
+
+
 def _culprit(model: nn.Module, loss_fn: LossFn, sub: dict[str, Tensor], params: list[tuple[str, nn.Parameter]],
              alone: list, rtol: float) -> str | None:
     """On failure only: the first module whose parameters, alone trainable, make the engine fail or give
     per-sample norms unlike autograd's."""
-    from dpbench.privacy.engine import make_engine
-
     modules: dict[str, list[int]] = {}
     for j, (name, _) in enumerate(params):
         modules.setdefault(name.rpartition(".")[0], []).append(j)
@@ -130,14 +134,9 @@ def _culprit(model: nn.Module, loss_fn: LossFn, sub: dict[str, Tensor], params: 
             p.requires_grad_(False)
         try:
             with _dropout_off(model):
-                fresh = make_engine("bk", model, float("inf"), "flat")
-                try:
-                    norms = fresh.accumulate(loss_fn(fresh.module, sub))
-                    fresh.release()
-                except (RuntimeError, ValueError, IndexError):
-                    return f"module '{module}'"
-                finally:
-                    fresh.close()
+                _, norms, _ = _unclipped(model, loss_fn, sub)
+        except (RuntimeError, ValueError, IndexError):
+            return f"module '{module}'"
         finally:
             for p in frozen:
                 p.requires_grad_(True)
