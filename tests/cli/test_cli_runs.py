@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
 
-from conftest import ROOT
+from cli_runner import dpbench, dpbench_process  # noqa: F401 - shared with the other CLI tests
 
 TINY = ["model=tiny_bert", "privacy.batch_size=16", "privacy.physical_batch_size=8", "trainer.max_steps=3",
         "trainer.progress_bar=false"]
 TINY_RUN = [*TINY, "task=synthetic", "task.num_train=64", "task.num_dev=32", "task.max_length=24"]
-
-
-def dpbench(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "dpbench", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
 
 
 def read(out: Path) -> dict:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli_runs import TINY_RUN, dpbench, read
+from test_cli_runs import TINY_RUN, dpbench_process, read
 
 
 def test_cli_runs_data_parallel_on_two_cpu_processes(tmp_path: Path) -> None:
@@ -13,7 +13,7 @@ def test_cli_runs_data_parallel_on_two_cpu_processes(tmp_path: Path) -> None:
     single-process plan, with q over the whole dataset. (The update equality is tested in
     tests/privacy/test_distributed.py.)"""
     out = tmp_path / "ddp"
-    proc = dpbench(*TINY_RUN, "method=dp_full", "privacy.epsilon=8", "trainer.devices=2", f"hydra.run.dir={out}")
+    proc = dpbench_process(*TINY_RUN, "method=dp_full", "privacy.epsilon=8", "trainer.devices=2", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = read(out)
     (stage,) = r["privacy"]["stages"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli_runs import TINY_RUN, dpbench, read
+from test_cli_runs import TINY_RUN, dpbench_process, read
 
 if not sys.platform.startswith("linux"):
     pytest.skip("per-job peaks reset the kernel's high-water mark (/proc/self/clear_refs)", allow_module_level=True)
@@ -17,12 +17,12 @@ RUN = [*TINY_RUN, "method=dp_full", "method.freeze_embeddings=false", "privacy.e
 
 def test_small_job_after_large_one_records_its_own_peak(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"  # job 0: a 512-wide model (a few hundred MiB more); job 1: the tiny one
-    proc = dpbench("-m", *RUN, "model.config.hidden_size=512,32", f"hydra.sweep.dir={sweep}",
+    proc = dpbench_process("-m", *RUN, "model.config.hidden_size=512,32", f"hydra.sweep.dir={sweep}",
                    "hydra.sweep.subdir=${hydra.job.num}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     large, small = read(sweep / "0")["memory"], read(sweep / "1")["memory"]
     alone = tmp_path / "alone"
-    proc = dpbench(*RUN, f"hydra.run.dir={alone}")
+    proc = dpbench_process(*RUN, f"hydra.run.dir={alone}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     alone_peak = read(alone)["memory"]["peak_rss_mb"]
     assert small["measured"].startswith("VmHWM since job start")

@@ -56,7 +56,8 @@ def _worker(rank: int, world: int, port: int, sigma: float | None, width: int, s
 
 def _train_on_two(sigma: float | None, tmp_path: Path, width: int = 5, steps: int = STEPS) -> list[dict]:
     out = str(tmp_path / f"state_{sigma}_{width}")
-    mp.start_processes(_worker, args=(2, _free_port(), sigma, width, steps, out), nprocs=2, start_method="spawn")
+    # fork: the ranks start from this (already imported) process in milliseconds; spawn re-imports torch in each
+    mp.start_processes(_worker, args=(2, _free_port(), sigma, width, steps, out), nprocs=2, start_method="fork")
     return [torch.load(f"{out}.{r}") for r in range(2)]
 
 
