@@ -67,6 +67,7 @@ def _optimizer(prefix: str) -> dict[str, Rule]:
 # Every option in conf/ that takes a number, a flag or a name; checked when the composed config has the key.
 RULES: dict[str, Rule] = {
     "seed": integer(0, "0"), "audit": FLAG, "replace_completed_run": FLAG,
+    "tuning.trial": FLAG, "tuning.report_dev": FLAG,
     "trainer.max_steps": integer(1, "100", nullable=True), "trainer.accelerator": one_of(ACCELERATORS),
     "trainer.devices": integer(1, "1"), "trainer.precision": one_of(PRECISIONS),
     "trainer.num_threads": integer(1, "2", nullable=True), "trainer.reuse_freed_memory": FLAG,

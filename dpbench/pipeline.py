@@ -40,30 +40,39 @@ ACCOUNTANT = "prv"
 
 
 # -- data ----------------------------------------------------------------------------------------
-def load_task(task: DictConfig, seed: int) -> tuple[TaskSpec, TextClassificationData, TextClassificationData]:
+def load_task(task: DictConfig, seed: int, *, stable_split: bool = False
+              ) -> tuple[TaskSpec, TextClassificationData, TextClassificationData]:
     """The task's spec and its train/dev data (synthetic in code, GLUE from ``task.data_dir``). With
     ``task.holdout_examples=N`` the evaluation set is N examples held out of the training set (seeded by
-    ``task.holdout_seed``, the same for every run), and the official dev set is not read: use it to tune."""
+    ``task.holdout_seed``, the same for every run), and the official dev set is not read: use it to tune.
+    ``stable_split``: about N held out, each example's side fixed by its own hash (private tuning's trials)."""
     spec = get_task_spec(task.name)
     if spec.name.startswith("synthetic"):
-        pair = spec.is_pair
-        data_seed = task.get("data_seed", 0)
-        simple = float(task.get("simple_fraction", 0.0))
-        train = make_synthetic(int(task.num_train), pair=pair, seed=data_seed,
-                               label_noise=float(task.get("label_noise", 0.0)), simple_fraction=simple)
-        dev = make_synthetic(int(task.num_dev), pair=pair, seed=data_seed + 10_000, simple_fraction=simple)
+        train = make_synthetic(int(task.num_train), pair=spec.is_pair, seed=task.get("data_seed", 0),
+                               label_noise=float(task.get("label_noise", 0.0)),
+                               simple_fraction=float(task.get("simple_fraction", 0.0)))
     else:
         train = load_glue(spec.name, "train", task.get("data_dir"))
-        if task.get("holdout_examples"):  # tune on a split of the training set; dev stays unread
-            train, dev = train.split_off(int(task.holdout_examples), seed=int(task.get("holdout_seed", 0)))
-        else:
-            dev = load_glue(spec.name, "dev", task.get("data_dir"))
-        train = train.subset(task.get("max_train_examples"), seed=seed)
+    if task.get("holdout_examples"):  # tune on a split of the training set; dev stays unread
+        split = train.split_by_hash if stable_split else train.split_off
+        train, dev = split(int(task.holdout_examples), seed=int(task.get("holdout_seed", 0)))
         dev = dev.subset(task.get("max_eval_examples"), seed=0)
+    else:
+        dev = load_dev(task)
+    train = train.subset(task.get("max_train_examples"), seed=seed)
     bad = [y for y in train.labels + dev.labels if not 0 <= y < spec.num_labels]
     if bad:
         raise DataError(f"label {bad[0]} is out of range for task {spec.name} ({spec.num_labels} classes); fix the data")
     return spec, train, dev
+
+
+def load_dev(task: DictConfig) -> TextClassificationData:
+    """The task's official dev set (``task.max_eval_examples`` of it, if set)."""
+    spec = get_task_spec(task.name)
+    if spec.name.startswith("synthetic"):
+        return make_synthetic(int(task.num_dev), pair=spec.is_pair, seed=task.get("data_seed", 0) + 10_000,
+                              simple_fraction=float(task.get("simple_fraction", 0.0)))
+    return load_glue(spec.name, "dev", task.get("data_dir")).subset(task.get("max_eval_examples"), seed=0)
 
 
 def data_record(task: DictConfig, train: TextClassificationData, dev: TextClassificationData) -> dict[str, Any]:
@@ -335,6 +344,22 @@ def run_stage(cfg: DictConfig, module: DPModule, data: L.LightningDataModule, pl
     stage = Stage(stage_name, module.effective_noise_multiplier, plan.sample_rate, steps) if plan.private else None
     module.engine.close()
     return StageResult(dict(module.final_metrics), stage, train_s, steps, module)
+
+
+def evaluate(cfg: DictConfig, module: DPModule, lm: LoadedModel, data: TextClassificationData) -> dict[str, float]:
+    """The trained ``module``'s metrics on ``data`` (a model's evaluation is post-processing: no privacy cost)."""
+    from torch.utils.data import DataLoader
+
+    from dpbench.data.datamodule import eval_batches
+
+    encoded = EncodedDataset(data, lm.tokenizer, int(cfg.task.max_length))
+    loader = DataLoader(encoded, batch_sampler=eval_batches(encoded.lengths, int(cfg.trainer.get("eval_batch_size", 64))),
+                        collate_fn=Collator(lm.tokenizer.pad_token_id))
+    trainer = L.Trainer(accelerator=cfg.trainer.get("accelerator", "cpu"), devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=None)
+    trainer.validate(module, dataloaders=loader, verbose=False)
+    return dict(module.final_metrics)
 
 
 def sample_inputs(lm: LoadedModel, data: TextClassificationData, max_length: int, size: int) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """The in-memory dataset type shared by all loaders."""
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -44,6 +45,19 @@ class TextClassificationData:
         keep = [i for i in range(len(self)) if i not in held]
         return self._take(keep), self._take(sorted(held))
 
+    def split_by_hash(self, n: int, seed: int) -> tuple[TextClassificationData, TextClassificationData]:
+        """(the rest, about ``n`` held out), each example's side fixed by a seeded hash of the example itself.
+
+        Adding or removing one example moves no other between the two sides, so a mechanism on the rest
+        and one on the held-out part compose example by example (what private tuning's score needs;
+        :meth:`split_off`'s exact-size split reshuffles every example when the set's size changes)."""
+        if not 0 < n < len(self):
+            raise ConfigError(f"task.holdout_examples must be in [1, {len(self) - 1}] (got {n})")
+        cut = n / len(self) * 2**64
+        held = [i for i in range(len(self)) if _example_hash(self, i, seed) < cut]
+        keep = sorted(set(range(len(self))) - set(held))
+        return self._take(keep), self._take(held)
+
     def _take(self, idx: list[int]) -> TextClassificationData:
         return TextClassificationData(
             text_a=[self.text_a[i] for i in idx],
@@ -60,3 +74,9 @@ def subset_indices(size: int, n: int | None, seed: int) -> list[int] | None:
     if n < 1:
         raise ConfigError(f"subset size must be >= 1 (got {n}); use null for the full dataset")
     return sorted(random.Random(seed).sample(range(size), n))
+
+
+def _example_hash(data: TextClassificationData, i: int, seed: int) -> int:
+    b = "" if data.text_b is None else data.text_b[i]
+    key = f"{seed}\x1f{data.text_a[i]}\x1f{b}\x1f{data.labels[i]}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")

@@ -48,10 +48,21 @@ def task_label(record: dict[str, Any]) -> str:
     return f"{record['task']} (holdout)" if held else str(record["task"])
 
 
+def tuning_label(record: dict[str, Any]) -> str:
+    """Whether the run's ε includes the hyper-parameter search that chose it (``dpbench-tune``)."""
+    priv = record.get("privacy") or {}
+    if not priv.get("stages"):
+        return "—"
+    t = priv.get("tuning")
+    if not t:
+        return "not accounted"
+    return f"accounted: E[K]={float(t['trials']['mean_trials']):g}, one run ε={float(priv['epsilon_single_run']):.2f}"
+
+
 def group_key(record: dict[str, Any]) -> tuple:
     """Runs that differ only in their seed share a key."""
     return (task_label(record), record["model"], record["method"], _trainable_set(record), _target_epsilon(record),
-            _sparsity(record))
+            _sparsity(record), tuning_label(record).split(",")[0])
 
 
 def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
@@ -85,6 +96,7 @@ class Row:
     latency_speedup: float | None = None
     audit_lower: float | None = None  # the largest one-run audit lower bound among the seeds (if audited)
     audit_uninformative: bool = False  # audited, but every audit's settings were too weak to contradict the claim
+    tuning: str = "—"  # whether ε includes the tuning (tuning_label); "not accounted" for a plain private run
     rank: int | None = None
     paper: list[dict[str, Any]] = field(default_factory=list)
 
@@ -121,7 +133,7 @@ def aggregate(records: Iterable[tuple[dict[str, Any], float | None]]) -> list[Ro
             step_s=statistics.fmean(step_s) if step_s else None,
             peak_rss_mb=statistics.fmean(r["memory"]["peak_rss_mb"] for r in recs),
             latency_speedup=statistics.fmean(speed) if speed else None, audit_lower=max(audits) if audits else None,
-            audit_uninformative=bool(audited) and not audits))
+            audit_uninformative=bool(audited) and not audits, tuning=tuning_label(recs[0])))
     _rank(rows)
     inf = float("inf")
     rows.sort(key=lambda r: (r.task, r.target_epsilon if r.target_epsilon is not None else inf,

@@ -13,7 +13,7 @@ from dpbench.leaderboard.verify import Verdict
 
 COLUMNS = ("rank", "task", "model", "method", "trainable set", "ε target", "ε verified", "δ", "metric",
            "mean ± std", "n", "paper", "trainable params", "s / step", "peak MiB", "sparsity", "latency ×",
-           "audit ε ≥")
+           "audit ε ≥", "tuning")
 
 
 def _num(x: float | None, fmt: str = ".3f") -> str:
@@ -27,7 +27,7 @@ def cells(r: Row, short: bool = True) -> list[str]:
             "—" if r.mean is None else f"{r.mean:.4f} ± {r.std:.3f}", str(r.n), paper,
             f"{r.trainable:,.0f}", _num(r.step_s, ".3f"), _num(r.peak_rss_mb, ",.0f"),
             _num(r.sparsity, ".2f"), _num(r.latency_speedup, ".2f"),
-            "uninformative" if r.audit_uninformative else _num(r.audit_lower, ".2f")]
+            "uninformative" if r.audit_uninformative else _num(r.audit_lower, ".2f"), r.tuning]
 
 
 def _shown(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
@@ -72,12 +72,12 @@ def csv_text(rows: list[Row]) -> str:
     w = csv.writer(buf)
     w.writerow(["rank", "task", "model", "method", "trainable_set", "target_epsilon", "epsilon", "delta", "metric",
                 "mean", "std", "n", "seeds", "paper", "trainable", "total", "train_s", "step_s", "peak_rss_mb",
-                "sparsity", "latency_speedup", "audit_epsilon_lower_bound"])
+                "sparsity", "latency_speedup", "audit_epsilon_lower_bound", "tuning"])
     for r in rows:
         w.writerow([r.rank, r.task, r.model, r.method, r.trainable_set, r.target_epsilon, r.epsilon, r.delta,
                     r.metric, r.mean, r.std, r.n, " ".join(map(str, r.seeds)),
                     "; ".join(p["label"] for p in r.paper), r.trainable, r.total, r.train_s, r.step_s,
-                    r.peak_rss_mb, r.sparsity, r.latency_speedup, r.audit_lower])
+                    r.peak_rss_mb, r.sparsity, r.latency_speedup, r.audit_lower, r.tuning])
     return buf.getvalue()
 
 
@@ -109,7 +109,9 @@ def page(rows: list[Row], rejected: list[Verdict], unjoined: list[PaperRow], plo
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>dpbench leaderboard</title>
 <style>{_CSS}</style></head><body><h1>dpbench leaderboard</h1>
 <p class="note">{len(rows)} configurations from {sum(r.n for r in rows)} verified runs. Every ε was recomputed
-from the logged mechanism (σ, q, steps, δ of each stage) with the PRV accountant; mean ± std over seeds (n).
+from the logged mechanism (σ, q, steps, δ of each stage) with the PRV accountant, and for a tuned run
+(dpbench-tune) the whole tuning's ε by private selection; "tuning: not accounted" marks a private run whose
+hyper-parameters were chosen outside the guarantee. Mean ± std over seeds (n).
 Paper numbers are shown on our scale (fractions); a paper's relative claim is shown beside the change we measured
 against the same reference run (points). Click a header to sort.</p>
 <table class="sortable"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>

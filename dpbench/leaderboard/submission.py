@@ -75,7 +75,7 @@ def validate(sub: Any, min_seeds: int = 1) -> Review:
     seeds = Counter(group_key(v.record) for v in review.runs if v.ok)
     for key, n in seeds.items():
         if n < min_seeds:
-            task, model, method, _, eps, _ = key
+            task, model, method, _, eps, *_ = key
             review.reasons.append(f"{task}/{model}/{method} at ε={eps}: {n} seed(s), fewer than the {min_seeds} "
                                   f"required (run more seeds, e.g. seed=0,1,2)")
     return review

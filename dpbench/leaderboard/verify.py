@@ -130,6 +130,10 @@ def verify_record(record: dict[str, Any], source: str = "<record>") -> Verdict:
     except ValidationError as e:
         v.reasons.extend(_schema_errors(e))
         return v
+    if ((record.get("config") or {}).get("tuning") or {}).get("trial"):
+        v.reasons.append("a dpbench-tune trial, private to the curator (its release would reveal the number of "
+                         "trials): list the tuner's selected record instead")
+        return v
     priv = record["privacy"]
     claimed, stages = priv["epsilon"], priv["stages"]
     if not stages:
@@ -153,6 +157,8 @@ def verify_record(record: dict[str, Any], source: str = "<record>") -> Verdict:
     if not math.isfinite(claimed) or claimed < v.epsilon_recomputed * (1 - REL_TOL):
         v.reasons.append(f"claimed ε={claimed:.4f} is below the recomputed upper bound "
                          f"{v.epsilon_recomputed:.4f} (σ, q, steps, δ as logged)")
+    if priv.get("tuning") is not None:
+        v.reasons.extend(_tuning_errors(priv, claimed, v))
     audit = record.get("audit") or {}
     bound = audit.get("epsilon_lower_bound")
     if bound is not None and bound > claimed:
@@ -161,6 +167,28 @@ def verify_record(record: dict[str, Any], source: str = "<record>") -> Verdict:
     if target is not None and v.epsilon_recomputed > target * (1 + REL_TOL):
         v.reasons.append(f"recomputed ε={v.epsilon_recomputed:.4f} exceeds the run's target ε={target}")
     return v
+
+
+def _tuning_errors(priv: dict[str, Any], claimed: float, v: Verdict) -> list[str]:
+    """A tuned record: its total ε recomputed from ``privacy.tuning`` (private selection over its per-trial
+    mechanism, which must be the stages it logs); the verdict's ε becomes that total."""
+    from dpbench.privacy.selection import TrialCount, TrialMechanism, selection_epsilon
+
+    t = priv["tuning"]
+    try:
+        trials = {k: t["trials"][k] for k in ("distribution", "eta", "gamma", "mu") if k in t["trials"]}
+        mechanism = TrialMechanism.from_dict(t["per_trial"])
+        total = selection_epsilon(TrialCount(**trials), [mechanism], float(priv["delta"]))
+    except (KeyError, TypeError, ValueError, PrivacyError) as e:
+        return [f"privacy.tuning cannot be recomputed: {e}"]
+    out = []
+    if [s.to_dict() for s in mechanism.stages] != [dict(s) for s in priv["stages"]]:
+        out.append("privacy.tuning's per-trial mechanism is not the stages the record logs")
+    if claimed < total * (1 - REL_TOL):
+        out.append(f"claimed ε={claimed:.4f} is below the tuning's recomputed total {total:.4f} "
+                   "(private selection over the logged trial mechanism)")
+    v.epsilon_recomputed = max(total, v.epsilon_recomputed or 0.0)
+    return out
 
 
 def load_verdicts(root: Path) -> list[Verdict]:

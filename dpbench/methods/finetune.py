@@ -13,7 +13,8 @@ from torch import nn
 
 from dpbench.errors import ConfigError
 from dpbench.models.registry import LoadedModel, load_model
-from dpbench.pipeline import data_record, load_task, make_record, plan_privacy, privacy_record, train_classifier
+from dpbench.pipeline import (data_record, evaluate, load_dev, load_task, make_record, plan_privacy, privacy_record,
+                              train_classifier)
 from dpbench.results.schema import RunRecord
 
 HEAD_PREFIXES = ("classifier", "score", "pre_classifier")  # BERT/RoBERTa/DistilBERT, GPT-2/Llama
@@ -77,7 +78,8 @@ def set_trainable(lm: LoadedModel, method: DictConfig) -> None:
 def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     """One fine-tuning stage on the private training set, evaluated on dev."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    spec, train, dev = load_task(cfg.task, int(cfg.seed))
+    trial = bool(cfg.get("tuning", {}).get("trial"))  # a dpbench-tune trial: a per-example holdout split
+    spec, train, dev = load_task(cfg.task, int(cfg.seed), stable_split=trial)
     private = bool(cfg.method.private)
     plan = plan_privacy(cfg, len(train), private=private)
     lm = load_model(cfg.model, spec.num_labels)
@@ -86,6 +88,10 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     stages = [result.stage] if result.stage else []
     record = privacy_record(stages, plan.delta, plan.target_epsilon, plan.clip_norm)
     extra = {"data": data_record(cfg.task, train, dev)}
+    if cfg.get("tuning", {}).get("report_dev") and cfg.task.get("holdout_examples"):  # a dpbench-tune trial
+        official = load_dev(cfg.task)
+        extra["dev_metrics"] = evaluate(cfg, result.module, lm, official)
+        extra["data"]["official_dev_examples"] = len(official)
     alloc = result.module.allocation
     if alloc is not None:
         extra["anadp"] = {"groups": result.module.group_names, "clip_norms": alloc.clip_norms.tolist(),

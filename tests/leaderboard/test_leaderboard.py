@@ -218,16 +218,18 @@ def test_bad_folder_is_one_line_error(tmp_path: Path) -> None:
 
 
 def test_uninformative_audit_is_shown_as_such_not_as_a_bound() -> None:
-    from dpbench.leaderboard.render import cells
+    from dpbench.leaderboard.render import COLUMNS, cells
 
+    audit = COLUMNS.index("audit ε ≥")
     weak = run_record()
     weak["audit"] = {"epsilon_lower_bound": 1.2, "consistent": True, "informative": False}
     strong = run_record(method="dp_bitfit")
     strong["audit"] = {"epsilon_lower_bound": 0.4, "consistent": True, "informative": True}
     rows = {r.method: r for r in aggregate((rec, verify_record(rec).epsilon_recomputed) for rec in (weak, strong))}
     assert rows["dp_full"].audit_lower is None and rows["dp_full"].audit_uninformative
-    assert cells(rows["dp_full"])[-1] == "uninformative"
-    assert rows["dp_bitfit"].audit_lower == 0.4 and cells(rows["dp_bitfit"])[-1] == "0.40"
+    assert cells(rows["dp_full"])[audit] == "uninformative"
+    assert rows["dp_bitfit"].audit_lower == 0.4 and cells(rows["dp_bitfit"])[audit] == "0.40"
+    assert cells(rows["dp_full"])[COLUMNS.index("tuning")] == "not accounted"  # its hyper-parameters: outside ε
 
 
 def test_a_tuning_run_on_a_holdout_split_never_shares_a_row_with_dev_runs() -> None:

@@ -1,0 +1,273 @@
+"""``dpbench-tune``: a sweep whose ε includes the tuning (private hyper-parameter selection, docs/tuning.md).
+
+    dpbench-tune --out DIR --space 'method.optimizer.lr=loguniform(1e-3,3e-2)' --mean-trials 8 --epsilon 8 \\
+        --holdout 2000 -- experiment=glue task=sst2 task.data_dir=../shared/data/sst2 method=dp_bitfit
+
+1. The per-trial mechanism is fixed first: the training set less ``--holdout`` examples gives q = B/n and the
+   steps; σ is the smallest noise multiplier at which the whole tuning — K trials, K drawn from a truncated
+   negative binomial (or Poisson) with the asked mean, the best released — is ε ≤ ``--epsilon`` at δ
+   (``privacy.delta``, else 1/(2N) for the N private examples, held-out ones included), by
+   :mod:`dpbench.privacy.selection`. Search keys that would change that mechanism are refused.
+2. K and the K configurations are drawn from OS entropy (``--secret-seed`` only for tests), and the trials
+   run as one Hydra multirun of ``dpbench`` (so ``hydra/launcher=joblib`` or SLURM work as for any sweep),
+   each with ``task.holdout_examples`` and ``tuning.trial=true``.
+3. Each trial is scored by its count of correct held-out predictions plus N(0, ``--score-noise``²) noise;
+   the best is released as ``DIR/selected/results.json``: its dev metrics, its own stages and single-run
+   ε, and ``privacy.tuning`` (the distribution, the per-trial mechanism, the total ε), which the
+   leaderboard recomputes. ``privacy.epsilon`` is the total.
+
+The guarantee needs K secret: ``DIR/private/`` (the trials, K, their scores) is the curator's and must never
+be released; the selected record says nothing of K, of the other trials, or of the tuning's total time.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import secrets
+import subprocess
+import sys
+from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpbench.errors import DPBenchError
+from dpbench.privacy.selection import DISTRIBUTIONS, TrialCount, TrialMechanism, calibrate_trial_noise, selection_epsilon
+
+# Keys a search may not vary: they change the mechanism every trial must share (sampling, steps, noise, budget,
+# data), or turn privacy off. Within privacy.*, only these leave (σ, q, steps) alone.
+_FIXED = {"method", "task", "privacy", "experiment", "model", "seed", "trainer.max_steps", "trainer.devices"}
+_FIXED_PREFIXES = ("task.", "tuning.", "hydra", "method.private", "method.kind", "method.pipeline")
+_PRIVACY_FREE = {"privacy.clip_norm", "privacy.clipping", "privacy.engine", "privacy.physical_batch_size",
+                 "privacy.physical_batch_tokens", "privacy.group_by_length"}
+_SPACE = re.compile(r"^([\w.]+)=(choice|uniform|loguniform)\((.*)\)$")
+
+
+class TuneError(DPBenchError):
+    """A tuning request that cannot be run as asked."""
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched option: ``choice(a,b,...)``, ``uniform(lo,hi)`` or ``loguniform(lo,hi)``."""
+
+    key: str
+    kind: str
+    values: tuple
+
+    @classmethod
+    def parse(cls, text: str) -> Dimension:
+        m = _SPACE.match(text.replace(" ", ""))
+        if not m:
+            raise TuneError(f"--space '{text}' is not KEY=choice(a,b,...), KEY=uniform(lo,hi) or KEY=loguniform(lo,hi)")
+        key, kind, args = m.groups()
+        if key in _FIXED or (key.startswith(_FIXED_PREFIXES)) or (key.startswith("privacy.") and key not in _PRIVACY_FREE):
+            raise TuneError(f"--space may not search '{key}': it changes the mechanism every trial must share "
+                            f"(privacy options allowed: {', '.join(sorted(_PRIVACY_FREE))})")
+        values = tuple(_value(v) for v in args.split(","))
+        if kind != "choice" and (len(values) != 2 or not all(isinstance(v, (int, float)) for v in values)
+                                 or not values[0] < values[1] or (kind == "loguniform" and values[0] <= 0)):
+            raise TuneError(f"--space '{text}': {kind} needs two numbers lo < hi" + (" (lo > 0)" if kind == "loguniform" else ""))
+        return cls(key, kind, values)
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        if self.kind == "choice":
+            return self.values[int(rng.integers(len(self.values)))]
+        lo, hi = (math.log(v) for v in self.values) if self.kind == "loguniform" else self.values
+        x = float(rng.uniform(lo, hi))
+        return math.exp(x) if self.kind == "loguniform" else x
+
+
+def _value(text: str) -> Any:
+    """A search value as Hydra would read it: int, float (``1e-3`` too), else YAML (true, null, a name)."""
+    import yaml
+
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from dpbench.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every trial shares, fixed before any trial runs."""
+
+    count: TrialCount
+    mechanism: TrialMechanism
+    delta: float
+    target_epsilon: float
+    epsilon: float          # the whole tuning's, at ``delta``
+    holdout: int
+    batch_size: int
+    train_examples: int
+
+
+def make_plan(overrides: list[str], *, mean_trials: float, distribution: str, eta: float, target_epsilon: float,
+              holdout: int, score_noise: float) -> Plan:
+    """The trials' shared mechanism: q and steps from the composed config, σ calibrated to the total target."""
+    from dpbench.config import validate
+    from dpbench.pipeline import load_task, plan_privacy
+    from dpbench.privacy.accounting import Stage
+
+    cfg = _compose([*overrides, f"task.holdout_examples={holdout}"])
+    validate(cfg)
+    if not cfg.method.get("private") or cfg.method.get("kind", "finetune") != "finetune":
+        raise TuneError(f"dpbench-tune tunes private fine-tuning methods; method={cfg.method.name} is not one")
+    if not score_noise > 0:
+        raise TuneError(f"--score-noise must be > 0 (got {score_noise}): the held-out score must be private")
+    _, train, held = load_task(cfg.task, int(cfg.seed), stable_split=True)
+    n = len(train)
+    steps = plan_privacy(cfg, n, private=False).steps
+    q = int(cfg.privacy.batch_size) / n
+    delta = float(cfg.privacy.delta) if cfg.privacy.get("delta") is not None else 1 / (2 * (n + len(held)))
+    count = TrialCount.with_mean(distribution, mean_trials, eta)
+    sigma = calibrate_trial_noise(count, target_epsilon, delta, sample_rate=q, steps=steps, score_noise=score_noise)
+    mechanism = TrialMechanism((Stage("train", sigma, q, steps),), score_noise)
+    return Plan(count, mechanism, delta, target_epsilon, selection_epsilon(count, [mechanism], delta), holdout,
+                int(cfg.privacy.batch_size), n)
+
+
+def _trial_file(folder: Path, name: str, values: dict[str, Any], plan: Plan) -> None:
+    from omegaconf import OmegaConf
+
+    stage = plan.mechanism.stages[0]
+    fixed = {"task.holdout_examples": plan.holdout, "privacy.noise_multiplier": stage.noise_multiplier,
+             "privacy.epsilon": None, "privacy.delta": plan.delta, "tuning.trial": True, "tuning.report_dev": True}
+    conf = OmegaConf.create()
+    for key, value in {**values, **fixed}.items():
+        OmegaConf.update(conf, key, value, force_add=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.yaml").write_text("# @package _global_\n" + OmegaConf.to_yaml(conf))
+
+
+def run_trials(out: Path, overrides: list[str], configs: list[dict[str, Any]], plan: Plan) -> list[Path]:
+    """All trials as one ``dpbench -m`` sweep; the folders of their records, in order."""
+    private = out / "private"
+    names = [f"t{i:04d}" for i in range(len(configs))]
+    for name, values in zip(names, configs):
+        _trial_file(private / "conf" / "tune_trial", name, values, plan)
+    sweep = private / "trials"
+    cmd = [sys.executable, "-m", "dpbench", "-m", *overrides, f"hydra.searchpath=[file://{private / 'conf'}]",
+           f"+tune_trial={','.join(names)}", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
+    proc = subprocess.run(cmd, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    if proc.returncode not in (0, 2):  # 2: some trials failed with a reported error; they score lowest
+        raise TuneError(f"the trials' sweep failed (exit {proc.returncode}); see the output above")
+    return [sweep / str(i) for i in range(len(configs))]
+
+
+def _score(record: dict[str, Any] | None, plan: Plan, mechanism: dict, rng: np.random.Generator) -> tuple[float, float]:
+    """(exact, noised) count of correct held-out predictions; a failed trial scores −∞."""
+    if record is None or record.get("status") != "ok":
+        return -math.inf, -math.inf
+    if record["privacy"]["stages"] != mechanism["stages"]:
+        raise TuneError("a trial ran another mechanism than the one accounted for; its record's stages differ "
+                        "from the plan (report this as a bug)")
+    held = int(record["data"]["dev_examples"])
+    correct = round(float(record["metrics"]["accuracy"]) * held)
+    return float(correct), correct + float(rng.normal(0.0, plan.mechanism.score_noise))
+
+
+def release(trial: dict[str, Any], plan: Plan, noised_score: float) -> dict[str, Any]:
+    """The selected trial's record as released: dev metrics, the total ε and ``privacy.tuning``; nothing of K."""
+    rec = deepcopy(trial)
+    priv = rec["privacy"]
+    priv["epsilon_single_run"] = priv["epsilon"]
+    priv["epsilon"] = plan.epsilon
+    priv["target_epsilon"] = plan.target_epsilon
+    priv["tuning"] = {
+        "method": "private selection (Papernot & Steinke, ICLR 2022): K trials, K ~ the distribution below, "
+                  "kept secret; the best held-out score released",
+        "trials": plan.count.to_dict(), "per_trial": plan.mechanism.to_dict(), "epsilon": plan.epsilon,
+        "delta": plan.delta, "accountant": "rdp (Theorem 2 / 6) → (ε, δ)",
+        "score": {"split": "holdout (each example's side by its own hash)", "metric": "correct predictions",
+                  "noise_std": plan.mechanism.score_noise, "selected_noised": noised_score}}
+    rec["metrics"] = rec.pop("dev_metrics")
+    data = rec["data"]
+    rec["data"] = {**data, "eval_split": "dev", "dev_examples": data.pop("official_dev_examples"),
+                   "holdout_examples": data["dev_examples"]}
+    rec["config"]["tuning"] = {**rec["config"].get("tuning", {}), "trial": False}
+    return rec
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpbench-tune", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output folder (DIR/selected is the release)")
+    p.add_argument("--space", action="append", default=[], help="KEY=choice(..)|uniform(lo,hi)|loguniform(lo,hi)")
+    p.add_argument("--epsilon", type=float, required=True, help="total ε of tuning and training")
+    p.add_argument("--mean-trials", type=float, default=8.0, help="E[K] (default 8)")
+    p.add_argument("--distribution", choices=DISTRIBUTIONS, default="truncated_negative_binomial")
+    p.add_argument("--eta", type=float, default=0.0, help="truncated negative binomial shape (0: logarithmic)")
+    p.add_argument("--holdout", type=int, default=2000, help="training examples held out to score trials")
+    p.add_argument("--score-noise", type=float, default=10.0, help="std of the noise on the correct-count score")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (σ, ε, E[K]) and stop")
+    p.add_argument("--secret-seed", type=int, default=None, help=argparse.SUPPRESS)  # tests only: K becomes known
+    p.add_argument("overrides", nargs="*", help="dpbench overrides every trial shares (after --)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from dpbench.results.io import read_json, write_json_atomic
+
+    args = _parser().parse_args(argv)
+    try:
+        space = [Dimension.parse(s) for s in args.space]
+        if not space:
+            raise TuneError("give at least one --space KEY=...; e.g. --space 'method.optimizer.lr=loguniform(1e-3,3e-2)'")
+        if (args.out / "selected" / "results.json").exists():
+            raise TuneError(f"'{args.out}/selected' holds a released tuning; use a new --out")
+        plan = make_plan(args.overrides, mean_trials=args.mean_trials, distribution=args.distribution, eta=args.eta,
+                         target_epsilon=args.epsilon, holdout=args.holdout, score_noise=args.score_noise)
+    except DPBenchError as e:
+        print(f"dpbench-tune: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2) from None
+    stage = plan.mechanism.stages[0]
+    print(f"dpbench-tune: E[K]={plan.count.mean:g} trials ({plan.count.distribution}), each σ={stage.noise_multiplier:.4f}, "
+          f"q={stage.sample_rate:.5f}, {stage.steps} steps, score noise {plan.mechanism.score_noise:g}: "
+          f"total ε={plan.epsilon:.3f} at δ={plan.delta:.2e}")
+    if args.dry_run:
+        return
+    seed = args.secret_seed if args.secret_seed is not None else secrets.randbits(128)
+    rng = np.random.default_rng(seed)
+    k = plan.count.sample(rng)
+    configs = [{d.key: d.sample(rng) for d in space} for _ in range(k)]
+    log: dict[str, Any] = {"note": "PRIVATE: never release this folder; the guarantee needs K secret",
+                           "k": k, "secret_seed": str(seed), "plan_epsilon": plan.epsilon, "trials": []}
+    folders = run_trials(args.out, args.overrides, configs, plan) if k else []
+    mechanism = plan.mechanism.to_dict()
+    best, best_score = None, -math.inf
+    for values, folder in zip(configs, folders):
+        rec = read_json(folder / "results.json") if (folder / "results.json").exists() else None
+        exact, noised = _score(rec, plan, mechanism, rng)
+        log["trials"].append({"folder": str(folder), "config": values, "score": exact, "noised_score": noised,
+                              "dev_metrics": (rec or {}).get("dev_metrics")})
+        if noised > best_score:
+            best, best_score = rec, noised
+    write_json_atomic(args.out / "private" / "tuning_log.json", log)
+    if best is None:
+        print("dpbench-tune: no trial completed (or K = 0): nothing is released", file=sys.stderr)
+        raise SystemExit(1)
+    released = release(best, plan, best_score)
+    write_json_atomic(args.out / "selected" / "results.json", released)
+    metrics = ", ".join(f"{k}={v:.4f}" for k, v in released["metrics"].items())
+    print(f"dpbench-tune: released {args.out / 'selected' / 'results.json'}: {metrics}; total ε={plan.epsilon:.3f} "
+          f"(one run: ε={released['privacy']['epsilon_single_run']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
