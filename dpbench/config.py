@@ -68,6 +68,7 @@ def _optimizer(prefix: str) -> dict[str, Rule]:
 RULES: dict[str, Rule] = {
     "seed": integer(0, "0"), "audit": FLAG, "replace_completed_run": FLAG,
     "tuning.trial": FLAG, "tuning.report_dev": FLAG,
+    "tuning.holdout_fraction": number("in (0, 1)", lambda x: 0 < x < 1, "0.03", nullable=True),
     "trainer.max_steps": integer(1, "100", nullable=True), "trainer.accelerator": one_of(ACCELERATORS),
     "trainer.devices": integer(1, "1"), "trainer.precision": one_of(PRECISIONS),
     "trainer.num_threads": integer(1, "2", nullable=True), "trainer.reuse_freed_memory": FLAG,

@@ -40,12 +40,13 @@ ACCOUNTANT = "prv"
 
 
 # -- data ----------------------------------------------------------------------------------------
-def load_task(task: DictConfig, seed: int, *, stable_split: bool = False
+def load_task(task: DictConfig, seed: int, *, holdout_fraction: float | None = None
               ) -> tuple[TaskSpec, TextClassificationData, TextClassificationData]:
     """The task's spec and its train/dev data (synthetic in code, GLUE from ``task.data_dir``). With
     ``task.holdout_examples=N`` the evaluation set is N examples held out of the training set (seeded by
     ``task.holdout_seed``, the same for every run), and the official dev set is not read: use it to tune.
-    ``stable_split``: about N held out, each example's side fixed by its own hash (private tuning's trials)."""
+    ``holdout_fraction`` (private tuning's trials) holds out that share instead, each example's side fixed by
+    its own hash (:meth:`TextClassificationData.split_by_hash`)."""
     spec = get_task_spec(task.name)
     if spec.name.startswith("synthetic"):
         train = make_synthetic(int(task.num_train), pair=spec.is_pair, seed=task.get("data_seed", 0),
@@ -53,9 +54,10 @@ def load_task(task: DictConfig, seed: int, *, stable_split: bool = False
                                simple_fraction=float(task.get("simple_fraction", 0.0)))
     else:
         train = load_glue(spec.name, "train", task.get("data_dir"))
-    if task.get("holdout_examples"):  # tune on a split of the training set; dev stays unread
-        split = train.split_by_hash if stable_split else train.split_off
-        train, dev = split(int(task.holdout_examples), seed=int(task.get("holdout_seed", 0)))
+    if holdout_fraction is not None:
+        train, dev = train.split_by_hash(float(holdout_fraction), seed=int(task.get("holdout_seed", 0)))
+    elif task.get("holdout_examples"):  # tune on a split of the training set; dev stays unread
+        train, dev = train.split_off(int(task.holdout_examples), seed=int(task.get("holdout_seed", 0)))
         dev = dev.subset(task.get("max_eval_examples"), seed=0)
     else:
         dev = load_dev(task)
@@ -75,10 +77,11 @@ def load_dev(task: DictConfig) -> TextClassificationData:
     return load_glue(spec.name, "dev", task.get("data_dir")).subset(task.get("max_eval_examples"), seed=0)
 
 
-def data_record(task: DictConfig, train: TextClassificationData, dev: TextClassificationData) -> dict[str, Any]:
+def data_record(task: DictConfig, train: TextClassificationData, dev: TextClassificationData,
+                held_out: bool | None = None) -> dict[str, Any]:
     """The record's ``data`` section: set sizes and which split the metrics were measured on."""
-    return {"train_examples": len(train), "dev_examples": len(dev),
-            "eval_split": "holdout" if task.get("holdout_examples") else "dev"}
+    held_out = bool(task.get("holdout_examples")) if held_out is None else held_out
+    return {"train_examples": len(train), "dev_examples": len(dev), "eval_split": "holdout" if held_out else "dev"}
 
 
 # -- privacy plan --------------------------------------------------------------------------------

@@ -10,14 +10,17 @@
    :mod:`dpbench.privacy.selection`. Search keys that would change that mechanism are refused.
 2. K and the K configurations are drawn from OS entropy (``--secret-seed`` only for tests), and the trials
    run as one Hydra multirun of ``dpbench`` (so ``hydra/launcher=joblib`` or SLURM work as for any sweep),
-   each with ``task.holdout_examples`` and ``tuning.trial=true``.
+   each with its own secret seed, ``tuning.holdout_fraction`` (a per-example hashed split) and
+   ``tuning.trial=true``; their output goes to ``DIR/private/sweep.log``. A trial that fails ends the
+   tuning with nothing released (a failure may depend on the data).
 3. Each trial is scored by its count of correct held-out predictions plus N(0, ``--score-noise``²) noise;
    the best is released as ``DIR/selected/results.json``: its dev metrics, its own stages and single-run
    ε, and ``privacy.tuning`` (the distribution, the per-trial mechanism, the total ε), which the
    leaderboard recomputes. ``privacy.epsilon`` is the total.
 
 The guarantee needs K secret: ``DIR/private/`` (the trials, K, their scores) is the curator's and must never
-be released; the selected record says nothing of K, of the other trials, or of the tuning's total time.
+be released; the selected record says nothing of K, of the other trials, of their seeds, or of the tuning's
+total time. A second tuning into the same folder is refused: each attempt spends its budget.
 """
 from __future__ import annotations
 
@@ -112,9 +115,8 @@ class Plan:
     delta: float
     target_epsilon: float
     epsilon: float          # the whole tuning's, at ``delta``
-    holdout: int
-    batch_size: int
-    train_examples: int
+    holdout_fraction: float
+    base_seed: int
 
 
 def make_plan(overrides: list[str], *, mean_trials: float, distribution: str, eta: float, target_epsilon: float,
@@ -124,30 +126,39 @@ def make_plan(overrides: list[str], *, mean_trials: float, distribution: str, et
     from dpbench.pipeline import load_task, plan_privacy
     from dpbench.privacy.accounting import Stage
 
-    cfg = _compose([*overrides, f"task.holdout_examples={holdout}"])
+    cfg = _compose(overrides)
     validate(cfg)
     if not cfg.method.get("private") or cfg.method.get("kind", "finetune") != "finetune":
         raise TuneError(f"dpbench-tune tunes private fine-tuning methods; method={cfg.method.name} is not one")
     if not score_noise > 0:
         raise TuneError(f"--score-noise must be > 0 (got {score_noise}): the held-out score must be private")
-    _, train, held = load_task(cfg.task, int(cfg.seed), stable_split=True)
+    for key in ("max_train_examples", "max_eval_examples", "holdout_examples"):
+        if cfg.task.get(key) is not None:  # index-based subsets are not per-example stable: the argument fails
+            raise TuneError(f"task.{key} cannot be used with dpbench-tune (its subset is not per-example "
+                            "stable); use --holdout for the scoring split")
+    _, whole, _ = load_task(cfg.task, int(cfg.seed))
+    if not 0 < holdout < len(whole):
+        raise TuneError(f"--holdout must be in [1, {len(whole) - 1}] (got {holdout})")
+    fraction = holdout / len(whole)
+    _, train, _ = load_task(cfg.task, int(cfg.seed), holdout_fraction=fraction)
     n = len(train)
     steps = plan_privacy(cfg, n, private=False).steps
     q = int(cfg.privacy.batch_size) / n
-    delta = float(cfg.privacy.delta) if cfg.privacy.get("delta") is not None else 1 / (2 * (n + len(held)))
+    delta = float(cfg.privacy.delta) if cfg.privacy.get("delta") is not None else 1 / (2 * len(whole))
     count = TrialCount.with_mean(distribution, mean_trials, eta)
     sigma = calibrate_trial_noise(count, target_epsilon, delta, sample_rate=q, steps=steps, score_noise=score_noise)
     mechanism = TrialMechanism((Stage("train", sigma, q, steps),), score_noise)
-    return Plan(count, mechanism, delta, target_epsilon, selection_epsilon(count, [mechanism], delta), holdout,
-                int(cfg.privacy.batch_size), n)
+    return Plan(count, mechanism, delta, target_epsilon, selection_epsilon(count, [mechanism], delta), fraction,
+                int(cfg.seed))
 
 
-def _trial_file(folder: Path, name: str, values: dict[str, Any], plan: Plan) -> None:
+def _trial_file(folder: Path, name: str, values: dict[str, Any], plan: Plan, seed: int) -> None:
     from omegaconf import OmegaConf
 
     stage = plan.mechanism.stages[0]
-    fixed = {"task.holdout_examples": plan.holdout, "privacy.noise_multiplier": stage.noise_multiplier,
-             "privacy.epsilon": None, "privacy.delta": plan.delta, "tuning.trial": True, "tuning.report_dev": True}
+    fixed = {"privacy.noise_multiplier": stage.noise_multiplier, "privacy.epsilon": None, "privacy.delta": plan.delta,
+             "seed": seed, "tuning.trial": True, "tuning.report_dev": True,
+             "tuning.holdout_fraction": plan.holdout_fraction}
     conf = OmegaConf.create()
     for key, value in {**values, **fixed}.items():
         OmegaConf.update(conf, key, value, force_add=True)
@@ -155,25 +166,30 @@ def _trial_file(folder: Path, name: str, values: dict[str, Any], plan: Plan) -> 
     (folder / f"{name}.yaml").write_text("# @package _global_\n" + OmegaConf.to_yaml(conf))
 
 
-def run_trials(out: Path, overrides: list[str], configs: list[dict[str, Any]], plan: Plan) -> list[Path]:
-    """All trials as one ``dpbench -m`` sweep; the folders of their records, in order."""
+def run_trials(out: Path, overrides: list[str], configs: list[dict[str, Any]], seeds: list[int], plan: Plan
+               ) -> list[Path]:
+    """All trials as one ``dpbench -m`` sweep, its output in ``private/sweep.log`` (it names the trials);
+    the folders of their records, in order."""
     private = out / "private"
     names = [f"t{i:04d}" for i in range(len(configs))]
-    for name, values in zip(names, configs):
-        _trial_file(private / "conf" / "tune_trial", name, values, plan)
+    for name, values, seed in zip(names, configs, seeds):
+        _trial_file(private / "conf" / "tune_trial", name, values, plan, seed)
     sweep = private / "trials"
     cmd = [sys.executable, "-m", "dpbench", "-m", *overrides, f"hydra.searchpath=[file://{private / 'conf'}]",
            f"+tune_trial={','.join(names)}", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
-    proc = subprocess.run(cmd, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
-    if proc.returncode not in (0, 2):  # 2: some trials failed with a reported error; they score lowest
-        raise TuneError(f"the trials' sweep failed (exit {proc.returncode}); see the output above")
+    with open(private / "sweep.log", "w") as log:
+        proc = subprocess.run(cmd, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise TuneError(f"the trials' sweep failed (exit {proc.returncode}; {private / 'sweep.log'}): nothing is "
+                        "released, and this tuning's budget is spent; fix the cause and tune into a new --out")
     return [sweep / str(i) for i in range(len(configs))]
 
 
 def _score(record: dict[str, Any] | None, plan: Plan, mechanism: dict, rng: np.random.Generator) -> tuple[float, float]:
-    """(exact, noised) count of correct held-out predictions; a failed trial scores −∞."""
-    if record is None or record.get("status") != "ok":
-        return -math.inf, -math.inf
+    """(exact, noised) count of correct held-out predictions."""
+    if record is None or record.get("status") != "ok":  # a failure may depend on the data: never select around it
+        raise TuneError("a trial did not complete: nothing is released, and this tuning's budget is spent; "
+                        "fix the cause and tune into a new --out")
     if record["privacy"]["stages"] != mechanism["stages"]:
         raise TuneError("a trial ran another mechanism than the one accounted for; its record's stages differ "
                         "from the plan (report this as a bug)")
@@ -196,6 +212,9 @@ def release(trial: dict[str, Any], plan: Plan, noised_score: float) -> dict[str,
         "delta": plan.delta, "accountant": "rdp (Theorem 2 / 6) → (ε, δ)",
         "score": {"split": "holdout (each example's side by its own hash)", "metric": "correct predictions",
                   "noise_std": plan.mechanism.score_noise, "selected_noised": noised_score}}
+    rec["seed"] = plan.base_seed  # the trial's own seed stays secret: with it, its noise could be recomputed
+    rec["config"]["seed"] = plan.base_seed
+    priv["tuning"]["trial_seeds"] = "secret (one per trial, drawn from OS entropy; not released)"
     rec["metrics"] = rec.pop("dev_metrics")
     data = rec["data"]
     rec["data"] = {**data, "eval_split": "dev", "dev_examples": data.pop("official_dev_examples"),
@@ -229,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
         space = [Dimension.parse(s) for s in args.space]
         if not space:
             raise TuneError("give at least one --space KEY=...; e.g. --space 'method.optimizer.lr=loguniform(1e-3,3e-2)'")
-        if (args.out / "selected" / "results.json").exists():
-            raise TuneError(f"'{args.out}/selected' holds a released tuning; use a new --out")
+        if (args.out / "private").exists() or (args.out / "selected").exists():
+            raise TuneError(f"'{args.out}' holds a tuning already (each attempt spends its budget); use a new --out")
         plan = make_plan(args.overrides, mean_trials=args.mean_trials, distribution=args.distribution, eta=args.eta,
                          target_epsilon=args.epsilon, holdout=args.holdout, score_noise=args.score_noise)
     except DPBenchError as e:
@@ -246,22 +265,30 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(seed)
     k = plan.count.sample(rng)
     configs = [{d.key: d.sample(rng) for d in space} for _ in range(k)]
+    seeds = [int(rng.integers(2**31)) for _ in range(k)]  # independent trials; never released
     log: dict[str, Any] = {"note": "PRIVATE: never release this folder; the guarantee needs K secret",
                            "k": k, "secret_seed": str(seed), "plan_epsilon": plan.epsilon, "trials": []}
-    folders = run_trials(args.out, args.overrides, configs, plan) if k else []
-    mechanism = plan.mechanism.to_dict()
+    (args.out / "private").mkdir(parents=True)
     best, best_score = None, -math.inf
-    for values, folder in zip(configs, folders):
-        rec = read_json(folder / "results.json") if (folder / "results.json").exists() else None
-        exact, noised = _score(rec, plan, mechanism, rng)
-        log["trials"].append({"folder": str(folder), "config": values, "score": exact, "noised_score": noised,
-                              "dev_metrics": (rec or {}).get("dev_metrics")})
-        if noised > best_score:
-            best, best_score = rec, noised
-    write_json_atomic(args.out / "private" / "tuning_log.json", log)
+    try:
+        folders = run_trials(args.out, args.overrides, configs, seeds, plan) if k else []
+        mechanism = plan.mechanism.to_dict()
+        for values, trial_seed, folder in zip(configs, seeds, folders):
+            rec = read_json(folder / "results.json") if (folder / "results.json").exists() else None
+            exact, noised = _score(rec, plan, mechanism, rng)
+            log["trials"].append({"folder": str(folder), "config": values, "seed": trial_seed, "score": exact,
+                                  "noised_score": noised, "dev_metrics": rec.get("dev_metrics")})
+            if noised > best_score:
+                best, best_score = rec, noised
+    except TuneError as e:
+        log["error"] = str(e)
+        print(f"dpbench-tune: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        write_json_atomic(args.out / "private" / "tuning_log.json", log)
     if best is None:
-        print("dpbench-tune: no trial completed (or K = 0): nothing is released", file=sys.stderr)
-        raise SystemExit(1)
+        print("dpbench-tune: K = 0 (Poisson): no trial ran and nothing is released", file=sys.stderr)
+        return
     released = release(best, plan, best_score)
     write_json_atomic(args.out / "selected" / "results.json", released)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in released["metrics"].items())

@@ -5,9 +5,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-from dpbench.models.registry import LoadedModel, load_model
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer thread pool for forked runs to inherit
+import torch  # noqa: E402
+
+from dpbench.models.registry import LoadedModel, load_model  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per xdist worker (and per subprocess it starts): `make test` runs one worker per core, and

@@ -45,15 +45,16 @@ class TextClassificationData:
         keep = [i for i in range(len(self)) if i not in held]
         return self._take(keep), self._take(sorted(held))
 
-    def split_by_hash(self, n: int, seed: int) -> tuple[TextClassificationData, TextClassificationData]:
-        """(the rest, about ``n`` held out), each example's side fixed by a seeded hash of the example itself.
+    def split_by_hash(self, fraction: float, seed: int) -> tuple[TextClassificationData, TextClassificationData]:
+        """(the rest, about ``fraction`` of the examples held out): each example's side is fixed by a seeded hash
+        of the example itself against a cut that depends on ``fraction`` only.
 
         Adding or removing one example moves no other between the two sides, so a mechanism on the rest
         and one on the held-out part compose example by example (what private tuning's score needs;
         :meth:`split_off`'s exact-size split reshuffles every example when the set's size changes)."""
-        if not 0 < n < len(self):
-            raise ConfigError(f"task.holdout_examples must be in [1, {len(self) - 1}] (got {n})")
-        cut = n / len(self) * 2**64
+        if not 0 < fraction < 1:
+            raise ConfigError(f"tuning.holdout_fraction must be in (0, 1) (got {fraction})")
+        cut = fraction * 2**64
         held = [i for i in range(len(self)) if _example_hash(self, i, seed) < cut]
         keep = sorted(set(range(len(self))) - set(held))
         return self._take(keep), self._take(held)

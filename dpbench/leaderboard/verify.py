@@ -158,7 +158,7 @@ def verify_record(record: dict[str, Any], source: str = "<record>") -> Verdict:
         v.reasons.append(f"claimed ε={claimed:.4f} is below the recomputed upper bound "
                          f"{v.epsilon_recomputed:.4f} (σ, q, steps, δ as logged)")
     if priv.get("tuning") is not None:
-        v.reasons.extend(_tuning_errors(priv, claimed, v))
+        v.reasons.extend(_tuning_errors(record, claimed, v))
     audit = record.get("audit") or {}
     bound = audit.get("epsilon_lower_bound")
     if bound is not None and bound > claimed:
@@ -169,19 +169,27 @@ def verify_record(record: dict[str, Any], source: str = "<record>") -> Verdict:
     return v
 
 
-def _tuning_errors(priv: dict[str, Any], claimed: float, v: Verdict) -> list[str]:
+def _tuning_errors(record: dict[str, Any], claimed: float, v: Verdict) -> list[str]:
     """A tuned record: its total ε recomputed from ``privacy.tuning`` (private selection over its per-trial
     mechanism, which must be the stages it logs); the verdict's ε becomes that total."""
     from dpbench.privacy.selection import TrialCount, TrialMechanism, selection_epsilon
 
+    priv, task = record["privacy"], (record.get("config") or {}).get("task") or {}
     t = priv["tuning"]
+    unstable = [k for k in ("max_train_examples", "max_eval_examples") if task.get(k) is not None]
+    if unstable:
+        return [f"a tuned run with task.{unstable[0]} set: its index-based subset breaks the per-example split "
+                "the tuning's bound needs"]
     try:
         trials = {k: t["trials"][k] for k in ("distribution", "eta", "gamma", "mu") if k in t["trials"]}
         mechanism = TrialMechanism.from_dict(t["per_trial"])
-        total = selection_epsilon(TrialCount(**trials), [mechanism], float(priv["delta"]))
+        count = TrialCount(**trials)
+        total = selection_epsilon(count, [mechanism], float(priv["delta"]))
     except (KeyError, TypeError, ValueError, PrivacyError) as e:
         return [f"privacy.tuning cannot be recomputed: {e}"]
     out = []
+    if not math.isclose(count.mean, float(t["trials"].get("mean_trials", math.nan)), rel_tol=1e-9):
+        out.append(f"privacy.tuning states E[K]={t['trials'].get('mean_trials')}, but its distribution's is {count.mean:g}")
     if [s.to_dict() for s in mechanism.stages] != [dict(s) for s in priv["stages"]]:
         out.append("privacy.tuning's per-trial mechanism is not the stages the record logs")
     if claimed < total * (1 - REL_TOL):

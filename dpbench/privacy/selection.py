@@ -11,7 +11,8 @@ with K drawn from a distribution independent of the data, and release only the b
   e^ε̂ ≤ 1 + 1/(λ − 1), then ε'(λ) = ε_Q(λ) + μ δ̂ + log μ / (λ − 1).
 
 The guarantee needs K kept secret: with K known the release is a best-of-k, whose privacy is up to k
-times a trial's. So K, the other trials and anything seeded from a released seed are never released.
+times a trial's. So K, the other trials and every trial's seed are never released, and the K trials are
+independent runs (each its own secret seed).
 ε_Q is the pointwise maximum over the trial mechanisms the search space can produce (here: one, as
 ``dpbench-tune`` refuses search keys that change the mechanism) of its DP-SGD stages' RDP (Poisson-
 subsampled Gaussian, Mironov et al. 2019, via opacus' analysis) plus the score's: a count of correct
@@ -66,10 +67,13 @@ class TrialCount:
             return cls("poisson", mu=float(mean))
         if distribution != "truncated_negative_binomial":
             return cls(distribution)  # refused with its reason
-        if not mean > 1:
-            raise PrivacyError(f"the mean number of trials must be > 1 (got {mean})")
-        f = lambda g: _tnb_mean(eta, g) - mean  # noqa: E731 - decreasing in gamma
-        return cls(distribution, eta=float(eta), gamma=float(brentq(f, 1e-12, 1 - 1e-12, xtol=1e-15, rtol=1e-14)))
+        if not mean > 1 or not eta > -1:
+            raise PrivacyError(f"a truncated negative binomial needs a mean > 1 and eta > -1 (got {mean}, {eta})")
+        f = lambda t: _tnb_mean(eta, math.exp(t)) - mean  # noqa: E731 - decreasing in t = log γ
+        lo, hi = -700.0, -1e-9
+        if not f(lo) > 0 > f(hi):
+            raise PrivacyError(f"no truncated negative binomial with eta={eta} has mean {mean}; raise eta")
+        return cls(distribution, eta=float(eta), gamma=math.exp(brentq(f, lo, hi, xtol=1e-14, rtol=1e-14)))
 
     @property
     def mean(self) -> float:
@@ -106,14 +110,14 @@ class TrialCount:
 def _tnb_mean(eta: float, gamma: float) -> float:
     if eta == 0:
         return (1 / gamma - 1) / math.log(1 / gamma)
-    return eta * (1 - gamma) / (gamma * (1 - gamma**eta))
+    return eta * (1 - gamma) / (gamma * -math.expm1(eta * math.log(gamma)))
 
 
 def _tnb_p1(eta: float, gamma: float) -> float:
     """P[K = 1]; P[K = k+1] = P[K = k]·(1 − γ)(k + η)/(k + 1)."""
     if eta == 0:
         return (1 - gamma) / math.log(1 / gamma)
-    return eta * (1 - gamma) / (gamma**-eta - 1)
+    return eta * (1 - gamma) / math.expm1(-eta * math.log(gamma))
 
 
 @dataclass(frozen=True)

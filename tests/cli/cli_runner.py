@@ -87,7 +87,15 @@ def _child(args: tuple[str, ...], cwd: Path, out: int, err: int) -> None:
 
 
 def dpbench(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``dpbench *args`` in a forked child of this (pre-imported) worker; its exit status and output."""
+    """``dpbench *args`` in a forked child of this (pre-imported) worker; its exit status and output.
+
+    Only where forking is safe: a process whose OpenMP has more than one thread may have started its thread
+    pool, which a forked child can deadlock on (GNU OpenMP is not fork-safe). ``make test``'s workers run
+    one thread (tests/conftest.py); elsewhere this falls back to :func:`dpbench_process`."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS") != "1" or torch.get_num_threads() != 1:
+        return dpbench_process(*args, cwd=cwd)
     _warm()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         sys.stdout.flush()

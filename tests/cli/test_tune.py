@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,17 @@ def test_selected_record_is_verified_with_the_tunings_epsilon(tuned: Path) -> No
     best = max(trials, key=lambda t: t["noised_score"])
     assert selected["metrics"] == best["dev_metrics"]
     assert selected["config"]["method"]["optimizer"]["lr"] == pytest.approx(best["config"]["method.optimizer.lr"])
-    for t in trials:  # every trial ran the one mechanism the tuning accounted for
+    for t in trials:  # every trial ran the one mechanism the tuning accounted for, with its own seed
         rec = json.loads((Path(t["folder"]) / "results.json").read_text())
         assert rec["privacy"]["stages"] == priv["stages"] and rec["config"]["tuning"]["trial"] is True
+        assert rec["seed"] == t["seed"]
+    assert len({t["seed"] for t in trials}) == len(trials)
+
+    # The release names neither the trials nor their seeds (with a seed, a trial's noise could be recomputed).
+    text = (tuned / "selected" / "results.json").read_text()
+    assert selected["seed"] == selected["config"]["seed"] == 0
+    assert str(tuned / "private") not in text and "t0000" not in text and "tuning_log" not in text
+    assert not any(re.search(rf"\b{t['seed']}\b", text) for t in trials)
 
 
 def test_leaderboard_lists_the_release_and_refuses_the_trials(tuned: Path) -> None:
@@ -78,3 +87,16 @@ def test_search_keys_that_change_the_mechanism_are_refused(space: str, tmp_path:
     proc = _tune(tmp_path / "out", "--space", space, "--epsilon", "8")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("dpbench-tune: error: --space")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_tuning_into_the_same_folder_is_refused(tuned: Path) -> None:
+    proc = _tune(tuned, "--space", "method.optimizer.lr=loguniform(1e-3,1e-1)", "--epsilon", "8")
+    assert proc.returncode == 2 and "holds a tuning already" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_failed_trial_releases_nothing() -> None:
+    """A failure may depend on the data, so the tuning never selects around one: it stops, releasing nothing."""
+    from dpbench.tuning import TuneError, _score
+
+    with pytest.raises(TuneError, match="nothing is released"):
+        _score({"status": "failed"}, None, {}, None)
