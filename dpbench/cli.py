@@ -54,6 +54,14 @@ def check_group_choices(argv: list[str]) -> str | None:
     return None
 
 
+def compose_config(overrides: list[str], return_hydra_config: bool = False):
+    """The config one ``dpbench`` run with ``overrides`` would get (Hydra's compose API over ``conf/``)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=return_hydra_config)
+
+
 def check_composes(argv: list[str]) -> str | None:
     """Compose a single run's config up front so that Hydra's errors (unknown keys, bad values)
     come out as one line, and check that its output folder can be written. Sweeps (``-m``) and
@@ -61,11 +69,8 @@ def check_composes(argv: list[str]) -> str | None:
     if any(a.startswith("-") for a in argv):
         return None
     overrides = [a for a in argv if "=" in a]
-    from hydra import compose, initialize_config_dir
-
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        cfg = compose_config(overrides, return_hydra_config=True)
     except Exception as e:  # noqa: BLE001 - any composition failure is the user's to fix
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
         return " ".join(lines) or type(e).__name__

@@ -359,8 +359,7 @@ def evaluate(cfg: DictConfig, module: DPModule, lm: LoadedModel, data: TextClass
     loader = DataLoader(encoded, batch_sampler=eval_batches(encoded.lengths, int(cfg.trainer.get("eval_batch_size", 64))),
                         collate_fn=Collator(lm.tokenizer.pad_token_id))
     trainer = L.Trainer(accelerator=cfg.trainer.get("accelerator", "cpu"), devices=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        default_root_dir=None)
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     trainer.validate(module, dataloaders=loader, verbose=False)
     return dict(module.final_metrics)
 

@@ -97,15 +97,6 @@ def _value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from dpbench.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 @dataclass(frozen=True)
 class Plan:
     """What every trial shares, fixed before any trial runs."""
@@ -122,11 +113,12 @@ class Plan:
 def make_plan(overrides: list[str], *, mean_trials: float, distribution: str, eta: float, target_epsilon: float,
               holdout: int, score_noise: float) -> Plan:
     """The trials' shared mechanism: q and steps from the composed config, σ calibrated to the total target."""
+    from dpbench.cli import compose_config
     from dpbench.config import validate
     from dpbench.pipeline import load_task, plan_privacy
     from dpbench.privacy.accounting import Stage
 
-    cfg = _compose(overrides)
+    cfg = compose_config(overrides)
     validate(cfg)
     if not cfg.method.get("private") or cfg.method.get("kind", "finetune") != "finetune":
         raise TuneError(f"dpbench-tune tunes private fine-tuning methods; method={cfg.method.name} is not one")
@@ -140,7 +132,7 @@ def make_plan(overrides: list[str], *, mean_trials: float, distribution: str, et
     if not 0 < holdout < len(whole):
         raise TuneError(f"--holdout must be in [1, {len(whole) - 1}] (got {holdout})")
     fraction = holdout / len(whole)
-    _, train, _ = load_task(cfg.task, int(cfg.seed), holdout_fraction=fraction)
+    train, _ = whole.split_by_hash(fraction, seed=int(cfg.task.get("holdout_seed", 0)))  # as the trials split
     n = len(train)
     steps = plan_privacy(cfg, n, private=False).steps
     q = int(cfg.privacy.batch_size) / n
@@ -185,12 +177,12 @@ def run_trials(out: Path, overrides: list[str], configs: list[dict[str, Any]], s
     return [sweep / str(i) for i in range(len(configs))]
 
 
-def _score(record: dict[str, Any] | None, plan: Plan, mechanism: dict, rng: np.random.Generator) -> tuple[float, float]:
+def _score(record: dict[str, Any] | None, plan: Plan, rng: np.random.Generator) -> tuple[float, float]:
     """(exact, noised) count of correct held-out predictions."""
     if record is None or record.get("status") != "ok":  # a failure may depend on the data: never select around it
         raise TuneError("a trial did not complete: nothing is released, and this tuning's budget is spent; "
                         "fix the cause and tune into a new --out")
-    if record["privacy"]["stages"] != mechanism["stages"]:
+    if record["privacy"]["stages"] != [stage.to_dict() for stage in plan.mechanism.stages]:
         raise TuneError("a trial ran another mechanism than the one accounted for; its record's stages differ "
                         "from the plan (report this as a bug)")
     held = int(record["data"]["dev_examples"])
@@ -211,10 +203,9 @@ def release(trial: dict[str, Any], plan: Plan, noised_score: float) -> dict[str,
         "trials": plan.count.to_dict(), "per_trial": plan.mechanism.to_dict(), "epsilon": plan.epsilon,
         "delta": plan.delta, "accountant": "rdp (Theorem 2 / 6) → (ε, δ)",
         "score": {"split": "holdout (each example's side by its own hash)", "metric": "correct predictions",
-                  "noise_std": plan.mechanism.score_noise, "selected_noised": noised_score}}
-    rec["seed"] = plan.base_seed  # the trial's own seed stays secret: with it, its noise could be recomputed
-    rec["config"]["seed"] = plan.base_seed
-    priv["tuning"]["trial_seeds"] = "secret (one per trial, drawn from OS entropy; not released)"
+                  "noise_std": plan.mechanism.score_noise, "selected_noised": noised_score},
+        "trial_seeds": "secret (one per trial, drawn from OS entropy; not released)"}
+    rec["seed"] = rec["config"]["seed"] = plan.base_seed  # the trial's own seed stays secret: it fixes its noise
     rec["metrics"] = rec.pop("dev_metrics")
     data = rec["data"]
     rec["data"] = {**data, "eval_split": "dev", "dev_examples": data.pop("official_dev_examples"),
@@ -272,10 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     best, best_score = None, -math.inf
     try:
         folders = run_trials(args.out, args.overrides, configs, seeds, plan) if k else []
-        mechanism = plan.mechanism.to_dict()
         for values, trial_seed, folder in zip(configs, seeds, folders):
             rec = read_json(folder / "results.json") if (folder / "results.json").exists() else None
-            exact, noised = _score(rec, plan, mechanism, rng)
+            exact, noised = _score(rec, plan, rng)
             log["trials"].append({"folder": str(folder), "config": values, "seed": trial_seed, "score": exact,
                                   "noised_score": noised, "dev_metrics": rec.get("dev_metrics")})
             if noised > best_score:

@@ -62,7 +62,7 @@ def tuning_label(record: dict[str, Any]) -> str:
 def group_key(record: dict[str, Any]) -> tuple:
     """Runs that differ only in their seed share a key."""
     return (task_label(record), record["model"], record["method"], _trainable_set(record), _target_epsilon(record),
-            _sparsity(record), tuning_label(record).split(",")[0])
+            _sparsity(record), ((record.get("privacy") or {}).get("tuning") or {}).get("trials", {}).get("mean_trials"))
 
 
 def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:

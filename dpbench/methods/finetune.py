@@ -78,7 +78,8 @@ def set_trainable(lm: LoadedModel, method: DictConfig) -> None:
 def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     """One fine-tuning stage on the private training set, evaluated on dev."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    fraction = cfg.get("tuning", {}).get("holdout_fraction")  # a dpbench-tune trial: a per-example split
+    tuning = cfg.get("tuning") or {}
+    fraction = tuning.get("holdout_fraction")  # a dpbench-tune trial: a per-example split
     spec, train, dev = load_task(cfg.task, int(cfg.seed), holdout_fraction=fraction)
     private = bool(cfg.method.private)
     plan = plan_privacy(cfg, len(train), private=private)
@@ -88,7 +89,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     stages = [result.stage] if result.stage else []
     record = privacy_record(stages, plan.delta, plan.target_epsilon, plan.clip_norm)
     extra = {"data": data_record(cfg.task, train, dev, held_out=True if fraction is not None else None)}
-    if cfg.get("tuning", {}).get("report_dev") and extra["data"]["eval_split"] == "holdout":
+    if tuning.get("report_dev") and extra["data"]["eval_split"] == "holdout":
         official = load_dev(cfg.task)
         extra["dev_metrics"] = evaluate(cfg, result.module, lm, official)
         extra["data"]["official_dev_examples"] = len(official)

@@ -99,4 +99,4 @@ def test_a_failed_trial_releases_nothing() -> None:
     from dpbench.tuning import TuneError, _score
 
     with pytest.raises(TuneError, match="nothing is released"):
-        _score({"status": "failed"}, None, {}, None)
+        _score({"status": "failed"}, None, None)
