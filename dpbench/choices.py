@@ -9,6 +9,7 @@ OPTIMIZERS = ("adam", "adam_bc", "sgd")           # dpbench.methods.base.DPModul
 SCHEDULES = ("linear", "constant")
 POOLINGS = ("cls", "mean")                        # dpbench.models.heads
 HEAD_INITS = ("default", "zero")                  # dpbench.models.heads
+DIVERGENCES = ("forward", "reverse", "jsd")         # dpbench.methods.language_model.token_divergence
 PRUNE_SCOPES = ("global", "layer")                # dpbench.compression.sparsity
 CLIPPINGS = ("flat", "automatic")                 # dpbench.privacy.clipping
 ACCOUNTANTS = ("prv",)

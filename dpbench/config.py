@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpbench.choices import (ACCELERATORS, ACCOUNTANTS, CLIP_SPLITS, CLIPPINGS, ENGINES, GRANULARITIES, HEAD_INITS,
-                             OPTIMIZERS, POOLINGS, PRECISIONS, PRUNE_SCOPES, SCHEDULES)
+from dpbench.choices import (ACCELERATORS, ACCOUNTANTS, CLIP_SPLITS, CLIPPINGS, DIVERGENCES, ENGINES, GRANULARITIES,
+                             HEAD_INITS, OPTIMIZERS, POOLINGS, PRECISIONS, PRUNE_SCOPES, SCHEDULES)
 from dpbench.errors import ConfigError
 
 
@@ -64,6 +64,12 @@ def _optimizer(prefix: str) -> dict[str, Rule]:
             f"{prefix}.gamma": number("> 0", lambda x: x > 0, "1e-8")}
 
 
+def _generation(prefix: str) -> dict[str, Rule]:
+    return {f"{prefix}.batch_size": integer(1, "16"), f"{prefix}.max_new_tokens": integer(1, "64"),
+            f"{prefix}.num_samples": integer(1, "400"), f"{prefix}.top_k": integer(0, "50"),
+            f"{prefix}.top_p": number("in (0, 1]", lambda x: 0 < x <= 1, "0.9")}
+
+
 # Every option in conf/ that takes a number, a flag or a name; checked when the composed config has the key.
 RULES: dict[str, Rule] = {
     "seed": integer(0, "0"), "audit": FLAG, "replace_completed_run": FLAG,
@@ -100,9 +106,14 @@ RULES: dict[str, Rule] = {
     "method.budget_split": OPEN_FRACTION, "method.kd.lam": UNIT, "method.kd.temperature": POSITIVE,
     "method.kd.alpha": NON_NEGATIVE, "method.student_epochs": POSITIVE,
     "method.eval.window": integer(1, "128"), "method.eval.stride": integer(1, "128"),
-    "method.generation.batch_size": integer(1, "16"), "method.generation.max_new_tokens": integer(1, "64"),
-    "method.generation.num_samples": integer(1, "400"), "method.generation.top_k": integer(0, "50"),
-    "method.generation.top_p": number("in (0, 1]", lambda x: 0 < x <= 1, "0.9"),
+    **_generation("method.generation"), **_generation("method.student.repair.generation"),
+    "method.eval.before_private": FLAG, "method.student.repair.enabled": FLAG,
+    "method.student.repair.epochs": POSITIVE, "method.student.repair.batch_size": integer(1, "32"),
+    "method.student.repair.lam": UNIT, "method.student.repair.temperature": POSITIVE,
+    "method.student.repair.seed": integer(0, "0"), **_optimizer("method.student.repair.optimizer"),
+    "method.onpolicy.rounds": integer(1, "4"), "method.onpolicy.samples_per_round": integer(1, "500"),
+    "method.onpolicy.epochs_per_round": POSITIVE, "method.onpolicy.divergence": one_of(DIVERGENCES),
+    "method.onpolicy.beta": number("in (0, 1)", lambda x: 0 < x < 1, "0.5"),
 }
 
 _MISSING = object()

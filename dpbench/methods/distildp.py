@@ -5,16 +5,24 @@
 - ``distildp``: (1) DP fine-tuning of the teacher on the private documents "<code>\\n\\n<text>";
   (2) the teacher generates ``generation.num_samples`` texts, each conditioned on a control code drawn
   uniformly from the task's *public* code space (every category × stars), never from the private
-  label counts; (3) the student, built from the teacher's pre-trained layers, trains non-privately on
-  the synthetic text only, with (1 − λ)·CE + λ·T²·KL(teacher ‖ student) on the text positions
-  (+ α·MSE of the last hidden states; the student shares the teacher's width). Stages 2 and 3 touch
-  only the DP teacher and public codes, so they are post-processing: ε is the teacher stage's ε.
-  ``kd.lam = 0`` gives the "synthetic text only" baseline.
+  label counts; (3) the student trains non-privately on the synthetic text only, with
+  (1 − λ)·CE + λ·T²·KL(teacher ‖ student) on the text positions (+ α·MSE of the last hidden states;
+  the student shares the teacher's width). ``kd.lam = 0`` gives the "synthetic text only" baseline.
+- ``onpolicy``: (1) as DistilDP; (2) for ``onpolicy.rounds`` rounds the *student* samples continuations of
+  public control codes, the DP teacher scores them, and the student minimises the divergence to the
+  teacher on its own samples (generalised KD, Agarwal et al. 2024: ``onpolicy.divergence``).
 - ``dp_student``: the student trained with DP-SGD directly on the private text, all of ε.
 - ``dpkd``: teacher and student both DP-trained on the private text (the student on the KD loss);
   ε is the composition of the two, split by ``budget_split``.
 
-Guard: the private corpus is sealed after the last DP stage; reading it afterwards fails the run.
+Every pipeline's student is built from the pre-trained (public) teacher's layers and, with
+``student.repair.enabled``, repaired from public inputs only before the private corpus is opened
+(:mod:`dpbench.methods.student_repair`): the same start for all of them, at no privacy cost.
+
+Privacy: in ``distildp`` and ``onpolicy`` everything after the teacher's DP stage touches only the DP
+teacher, the public codes and the student's own samples, so it is post-processing and ε is the teacher
+stage's ε. Guard: the private corpus can be read only between ``open`` (after the repair) and ``seal``
+(after the last DP stage); a read outside that window fails the run.
 """
 from __future__ import annotations
 
@@ -22,32 +30,32 @@ import copy
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpbench.compression.structured import copy_with_layers, transformer_layers
-from dpbench.data.generation import (ControlledCorpus, load_yelp, make_synthetic_corpus, prompt_ids,
-                                     public_codes)
+from dpbench.data.generation import ControlledCorpus, load_yelp, make_synthetic_corpus, public_codes
 from dpbench.data.perplexity import perplexity
 from dpbench.errors import ConfigError, DataError, PrivacyError
 from dpbench.methods.finetune import select_trainable
+from dpbench.methods.generate import Generation, cached_generation, generate_synthetic
 from dpbench.methods.language_model import LMDistillModule, train_lm
+from dpbench.methods.student_repair import before_private, repair_student
 from dpbench.models.registry import LoadedModel, load_causal_lm
-from dpbench.pipeline import make_record, plan_privacy, plan_stages, privacy_record
-from dpbench.results.io import read_json, write_json_atomic
+from dpbench.pipeline import StageResult, make_record, plan_privacy, plan_stages, privacy_record
 from dpbench.results.schema import RunRecord
 
-PIPELINES = ("distildp", "dp_student", "dpkd")
+PIPELINES = ("distildp", "onpolicy", "dp_student", "dpkd")
 
 
 class PrivateCorpus:
-    """The private training set behind a seal: once the DP stages are done, reading it raises."""
+    """The private training set, readable only by the DP stages: closed until :meth:`open` (the public
+    student repair runs before it), sealed by :meth:`seal` once the DP stages are done. Its size (for q)
+    is always available."""
 
     def __init__(self, corpus: ControlledCorpus) -> None:
-        self._corpus, self.sealed = corpus, False
+        self._corpus, self.opened, self.sealed = corpus, False, False
 
     def __len__(self) -> int:
         return len(self._corpus)
@@ -57,7 +65,13 @@ class PrivateCorpus:
         if self.sealed:
             raise PrivacyError("a post-processing stage tried to read the private corpus after the DP stages; "
                                "only the DP teacher and public control codes may be used there")
+        if not self.opened:
+            raise PrivacyError("a public stage (the student repair) tried to read the private corpus before the "
+                               "DP stages; only public weights and control codes may be used there")
         return self._corpus
+
+    def open(self) -> None:
+        self.opened = True
 
     def seal(self) -> None:
         self.sealed = True
@@ -80,50 +94,34 @@ def load_generation_task(task: DictConfig, seed: int) -> tuple[ControlledCorpus,
     return train, held_out, public_codes(task.codes)
 
 
-@torch.no_grad()
-def generate_synthetic(lm: LoadedModel, codes: list[str], g: DictConfig, seed: int) -> ControlledCorpus:
-    """``g.num_samples`` texts from ``lm``, each conditioned on a code drawn uniformly from ``codes``
-    (seeded: the same seed gives the same texts). Prompts sharing a code are batched (no padding)."""
-    rng = torch.Generator().manual_seed(seed)
-    drawn = [codes[i] for i in torch.randint(len(codes), (int(g.num_samples),), generator=rng).tolist()]
-    model, tok = lm.model, lm.tokenizer
-    was_training = model.training
-    model.eval()
-    texts: dict[int, str] = {}
-    batch = int(g.get("batch_size", 16))
-    for j, code in enumerate(sorted(set(drawn))):
-        rows = [i for i, c in enumerate(drawn) if c == code]
-        prompt = torch.tensor([prompt_ids(tok, code)])
-        for k in range(0, len(rows), batch):
-            chunk = rows[k:k + batch]
-            torch.manual_seed(seed * 100_003 + j * 1_009 + k)
-            out = model.generate(prompt.expand(len(chunk), -1), attention_mask=torch.ones_like(prompt).expand(len(chunk), -1),
-                                 do_sample=True, top_k=int(g.top_k), top_p=float(g.top_p),
-                                 max_new_tokens=int(g.max_new_tokens), pad_token_id=tok.pad_token_id)
-            for i, seq in zip(chunk, out[:, prompt.shape[1]:]):
-                texts[i] = tok.decode(seq, skip_special_tokens=True).strip()
-    model.train(was_training)
-    return ControlledCorpus(drawn, [texts[i] for i in range(len(drawn))])
-
-
-def cached_synthetic(cache: Path | None, key: dict, make: Callable[[], ControlledCorpus]) -> ControlledCorpus:
-    """``make()``'s corpus, kept in ``cache`` (JSON) for a resumed run: loaded instead of regenerated
-    when the file was written under the same ``key`` (generation settings, seed, codes, teacher
-    steps). Generation is post-processing of the DP teacher, so regenerating spends no privacy; the
-    cache only saves its time."""
-    if cache is not None and cache.exists():
-        saved = read_json(cache)
-        if saved.get("key") == key:
-            return ControlledCorpus(saved["codes"], saved["texts"])
-    corpus = make()
-    if cache is not None:
-        write_json_atomic(cache, {"key": key, "codes": corpus.codes, "texts": corpus.texts})
-    return corpus
-
-
 def build_student(teacher: LoadedModel, s: DictConfig) -> LoadedModel:
     """A copy of ``teacher`` keeping ``s.layers`` (null → every other layer): same tokenizer and width."""
     return replace(teacher, model=copy_with_layers(teacher.model, s.get("layers")))
+
+
+def onpolicy_distill(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, codes: list[str], out_dir: Path,
+                     seed: int) -> tuple[list[StageResult], list[Generation]]:
+    """``onpolicy.rounds`` rounds of: the student samples ``onpolicy.samples_per_round`` continuations of
+    public codes; the (DP, frozen) teacher scores them; the student minimises the divergence to the teacher
+    on its own samples for ``onpolicy.epochs_per_round`` passes. Post-processing of the DP teacher."""
+    m, o = cfg.method, cfg.method.onpolicy
+    s_cfg = copy.deepcopy(cfg)
+    s_cfg.method.optimizer = m.student_optimizer
+    g = OmegaConf.merge(m.generation, {"num_samples": int(o.samples_per_round)})
+    factory = partial(LMDistillModule, teacher=teacher.model, lam=1.0, temperature=float(m.kd.temperature),
+                      alpha=float(m.kd.get("alpha", 0.0)), divergence=str(o.divergence), beta=float(o.beta))
+    results, gens = [], []
+    for k in range(int(o.rounds)):
+        gen = generate_synthetic(student, codes, g, seed * 1_000 + k)  # the student's own samples
+        b = min(int(cfg.privacy.batch_size), len(gen.corpus))
+        s_cfg.privacy.batch_size = b
+        steps = max(1, round(float(o.epochs_per_round) * len(gen.corpus) / b))
+        plan = plan_privacy(s_cfg, len(gen.corpus), private=False, steps=steps)
+        val = gen.corpus.subset(min(64, len(gen.corpus)), seed)
+        results.append(train_lm(s_cfg, student, gen.corpus, val, plan, out_dir, stage_name=f"onpolicy_{k}",
+                                seed=seed + 1 + k, module_factory=factory))
+        gens.append(gen)
+    return results, gens
 
 
 def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
@@ -134,15 +132,25 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     kd = m.kd  # ranges checked by dpbench.config.validate
     lam, temperature, alpha = float(kd.lam), float(kd.temperature), float(kd.get("alpha", 0.0))
     train, held_out, codes = load_generation_task(cfg.task, seed)
-    private = PrivateCorpus(train)
+    private = PrivateCorpus(train)  # closed until the DP stages
     teacher = load_causal_lm(cfg.model)
     select_trainable(teacher.model, m.trainable)
     if m.get("freeze_embeddings", False):  # (tied: the LM head too) public weights, no per-sample V×d gradients
         teacher.model.get_input_embeddings().weight.requires_grad_(False)
     student = build_student(teacher, m.student)  # from the pre-trained (public) teacher
+    ppl = dict(window=int(m.eval.window), stride=int(m.eval.stride))
+    repair = m.student.get("repair")
+    init = {"from": "pre-trained teacher layers (public)", "layers": len(transformer_layers(student.model)[2]),
+            "repair": None}
+    if repair is not None and repair.get("enabled", False):
+        init["repair"] = repair_student(cfg, teacher, student, codes, out_dir)
+    metrics = before_private(teacher, student, held_out, ppl["window"], ppl["stride"],
+                             init["repair"]["cache"] if init["repair"] else None) \
+        if m.eval.get("before_private", True) else {}
     distill = partial(LMDistillModule, lam=lam, temperature=temperature, alpha=alpha)
-    results, extra = {}, {}
+    results, extra = {}, {"student_init": init}
 
+    private.open()
     if m.pipeline == "dp_student":
         plan = plan_privacy(cfg, len(private), private=True)
         results["student"] = train_lm(cfg, student, private.corpus, held_out, plan, out_dir, stage_name="student",
@@ -156,7 +164,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
                                       stage_name="student", seed=seed + 1, prior_stages=[results["teacher"].stage],
                                       module_factory=partial(distill, teacher=teacher.model))
         plan = plans[0]
-    else:  # distildp
+    else:  # distildp, onpolicy: the DP teacher
         plan = plan_privacy(cfg, len(private), private=True)
         results["teacher"] = train_lm(cfg, teacher, private.corpus, held_out, plan, out_dir, stage_name="teacher",
                                       seed=seed)
@@ -166,8 +174,9 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
         resumable = int(cfg.trainer.get("checkpoint_every_n_steps") or 0) > 0
         key = {"generation": OmegaConf.to_container(m.generation, resolve=True), "seed": seed, "codes": codes,
                "teacher_steps": results["teacher"].steps}
-        synthetic = cached_synthetic(out_dir / "checkpoints" / "synthetic.json" if resumable else None, key,
-                                     lambda: generate_synthetic(teacher, codes, m.generation, seed))
+        gen = cached_generation(out_dir / "checkpoints" / "synthetic.json" if resumable else None, key,
+                                lambda: generate_synthetic(teacher, codes, m.generation, seed))
+        synthetic = gen.corpus
         s_cfg = copy.deepcopy(cfg)
         s_cfg.method.optimizer = m.student_optimizer
         steps = max(1, round(float(m.student_epochs) * len(synthetic) / int(cfg.privacy.batch_size)))
@@ -176,12 +185,22 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
                                       seed=seed + 1, module_factory=partial(distill, teacher=teacher.model))
         (out_dir / "samples.txt").write_text("\n\n---\n\n".join(f"{c}\n{t}" for c, t in
                                                                 zip(synthetic.codes[:20], synthetic.texts[:20])))
-        extra["generation"] = {"num_samples": len(synthetic), "code_prior": "uniform over public codes",
-                               "codes": len(codes), "examples": [{"code": c, "text": t} for c, t in
-                                                                 zip(synthetic.codes[:5], synthetic.texts[:5])]}
+        extra["generation"] = {**gen.record(), "code_prior": "uniform over public codes", "codes": len(codes),
+                               "examples": [{"code": c, "text": t} for c, t in
+                                            zip(synthetic.codes[:5], synthetic.texts[:5])]}
+    elif m.pipeline == "onpolicy":
+        rounds, gens = onpolicy_distill(cfg, teacher, student, codes, out_dir, seed)
+        results.update({r_name: r for r_name, r in zip((f"onpolicy_{k}" for k in range(len(rounds))), rounds)})
+        last = gens[-1].corpus
+        (out_dir / "samples.txt").write_text("\n\n---\n\n".join(f"{c}\n{t}" for c, t in
+                                                                zip(last.codes[:20], last.texts[:20])))
+        o = m.onpolicy
+        extra["onpolicy"] = {"rounds": len(rounds), "samples_per_round": int(o.samples_per_round),
+                             "epochs_per_round": float(o.epochs_per_round), "divergence": str(o.divergence),
+                             "beta": float(o.beta), "code_prior": "uniform over public codes",
+                             "generation": [g.record() for g in gens]}
 
-    ppl = dict(window=int(m.eval.window), stride=int(m.eval.stride))
-    metrics = {"student_perplexity": perplexity(student.model, student.tokenizer, held_out.texts, **ppl)}
+    metrics["student_perplexity"] = perplexity(student.model, student.tokenizer, held_out.texts, **ppl)
     if teacher is not None:
         metrics["teacher_perplexity"] = perplexity(teacher.model, teacher.tokenizer, held_out.texts, **ppl)
     stages = [r.stage for r in results.values() if r.stage]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from dpbench.choices import DIVERGENCES
 from dpbench.data.generation import ControlledCorpus, lm_loader
 from dpbench.methods.base import DPModule, upcast
 from dpbench.models.registry import LoadedModel
@@ -34,16 +35,35 @@ def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
     return nll.sum(1) / mask.sum(1).clamp(min=1)
 
 
-def distillation_loss(student: Tensor, teacher: Tensor, labels: Tensor, lam: float, temperature: float) -> Tensor:
-    """DistilDP's (1 − λ)·CE + λ·T²·KL(teacher_T ‖ student_T), each a per-example mean over the text
-    positions only (the control-code prefix is masked out of both), shape (B,)."""
+def token_divergence(student: Tensor, teacher: Tensor, kind: str = "forward", beta: float = 0.5) -> Tensor:
+    """Per-position divergence between the teacher's and the student's next-token distributions
+    (log-probabilities, (..., V)), summed over the vocabulary: ``forward`` KL(teacher ‖ student),
+    ``reverse`` KL(student ‖ teacher), or ``jsd`` the generalised Jensen–Shannon divergence of GKD
+    (Agarwal et al., ICLR 2024), β·KL(t ‖ m) + (1 − β)·KL(s ‖ m) with m = β·t + (1 − β)·s."""
+    if kind == "forward":
+        return F.kl_div(student, teacher, reduction="none", log_target=True).sum(-1)
+    if kind == "reverse":
+        return F.kl_div(teacher, student, reduction="none", log_target=True).sum(-1)
+    if kind == "jsd":
+        if not 0 < beta < 1:
+            raise ValueError(f"jsd needs beta in (0, 1) (got {beta})")
+        m = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log1p(-beta)]), 0)
+        return (beta * F.kl_div(m, teacher, reduction="none", log_target=True).sum(-1)
+                + (1 - beta) * F.kl_div(m, student, reduction="none", log_target=True).sum(-1))
+    raise ValueError(f"unknown divergence {kind!r}; choose one of: {', '.join(DIVERGENCES)}")
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, labels: Tensor, lam: float, temperature: float,
+                      divergence: str = "forward", beta: float = 0.5) -> Tensor:
+    """DistilDP's (1 − λ)·CE + λ·T²·D(teacher_T, student_T), each a per-example mean over the text
+    positions only (the control-code prefix is masked out of both), shape (B,). D is
+    KL(teacher ‖ student) by default (:func:`token_divergence` for the others)."""
     ce = token_nll(student, labels)
     s, _, mask = _shifted(student, labels)
     t = upcast(teacher[:, :-1])
-    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
-                  reduction="none", log_target=True).sum(-1)
-    kl = (kl * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return (1 - lam) * ce + lam * temperature ** 2 * kl
+    d = token_divergence(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), divergence, beta)
+    d = (d * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return (1 - lam) * ce + lam * temperature ** 2 * d
 
 
 class CausalLMModule(DPModule):
@@ -70,14 +90,15 @@ class CausalLMModule(DPModule):
 
 
 class LMDistillModule(CausalLMModule):
-    """The student's loss against a frozen teacher; ``alpha`` > 0 adds the MSE of the last hidden
-    states over the text positions (teacher and student must share their width)."""
+    """The student's loss against a frozen teacher (:func:`distillation_loss`); ``alpha`` > 0 adds the
+    MSE of the last hidden states over the text positions (teacher and student must share their width)."""
 
     def __init__(self, *args, teacher: nn.Module, lam: float, temperature: float, alpha: float = 0.0,
-                 **kwargs) -> None:
+                 divergence: str = "forward", beta: float = 0.5, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
         self.lam, self.temperature, self.alpha = lam, temperature, alpha
+        self.divergence, self.beta = divergence, beta
 
     def train(self, mode: bool = True) -> "LMDistillModule":
         super().train(mode)
@@ -89,7 +110,8 @@ class LMDistillModule(CausalLMModule):
         with torch.no_grad():
             t = self.teacher(**inputs, output_hidden_states=hidden)
         s = (self.engine.module if model is None else model)(**inputs, output_hidden_states=hidden)
-        loss = distillation_loss(s.logits, t.logits, batch["labels"], self.lam, self.temperature)
+        loss = distillation_loss(s.logits, t.logits, batch["labels"], self.lam, self.temperature, self.divergence,
+                                 self.beta)
         if hidden:
             mask = (batch["labels"] != -100).unsqueeze(-1)
             mse = ((s.hidden_states[-1] - t.hidden_states[-1]).pow(2) * mask).sum((1, 2))

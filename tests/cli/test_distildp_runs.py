@@ -10,7 +10,7 @@ from dpbench.privacy.accounting import Stage, compute_epsilon
 from test_cli_runs import dpbench, read
 
 STAGES = {"distildp": ["teacher"], "distildp_synthetic_only": ["teacher"], "dp_lm_student": ["student"],
-          "dpkd_lm": ["teacher", "student"]}
+          "dpkd_lm": ["teacher", "student"], "dp_onpolicy_kd": ["teacher"]}
 
 
 @pytest.mark.parametrize("method", sorted(STAGES))
@@ -28,5 +28,13 @@ def test_distildp_pipelines_write_ok_records(method: str, tmp_path: Path) -> Non
         assert r["metrics"]["teacher_perplexity"] > 1
     if method.startswith("distildp"):
         assert (out / "samples.txt").exists() and r["generation"]["num_samples"] == 32
+        assert r["generation"]["tokens_per_s"] > 0
         assert r["distillation"]["lam"] == (0.0 if method.endswith("only") else 0.4)
+    if method == "dp_onpolicy_kd":  # 2 rounds of 16 student samples, each one step of batch 16
+        assert (out / "samples.txt").exists() and r["onpolicy"]["rounds"] == 2
+        assert [g["num_samples"] for g in r["onpolicy"]["generation"]] == [16, 16]
+        assert r["timing"]["steps"] == 4 + 2  # the teacher's DP steps and the student's rounds
+    repair = r["student_init"]["repair"]  # every pipeline starts from the repaired student (no cache here)
+    assert repair["cached"] is False and repair["steps"] == 2 and repair["corpus"]["tokens_per_s"] > 0
+    assert r["metrics"]["pretrained_teacher_perplexity"] > 1 and r["metrics"]["initial_student_perplexity"] > 1
     assert r["distillation"]["student_layers"] == 2

@@ -1,6 +1,8 @@
-"""DistilDP: the KL skips the control-code prefix, generation is seeded, and nothing after the DP
-teacher stage may read the private corpus."""
+"""DistilDP: the KL skips the control-code prefix, generation is seeded, the student repair reads no private
+data, and nothing after the DP teacher stage may read the private corpus."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -9,8 +11,8 @@ from omegaconf import OmegaConf
 from conftest import tiny_model
 from dpbench.data.generation import make_synthetic_corpus, public_codes
 from dpbench.errors import PrivacyError
-from dpbench.methods import distildp
-from dpbench.methods.language_model import distillation_loss, token_nll
+from dpbench.methods import distildp, generate, student_repair
+from dpbench.methods.language_model import distillation_loss, token_divergence, token_nll
 from dpbench.models.registry import load_causal_lm
 
 
@@ -52,13 +54,18 @@ def test_generation_is_seeded_and_uses_public_codes() -> None:
     lm = _tiny_lm()
     g = OmegaConf.create({"num_samples": 6, "max_new_tokens": 5, "top_k": 50, "top_p": 0.9, "batch_size": 4})
     codes = public_codes("synthetic_lm")
-    a, b, c = (distildp.generate_synthetic(lm, codes, g, seed) for seed in (0, 0, 1))
+    ga, gb, gc = (generate.generate_synthetic(lm, codes, g, seed) for seed in (0, 0, 1))
+    a, b, c = ga.corpus, gb.corpus, gc.corpus
     assert a.texts == b.texts and a.codes == b.codes and len(a) == 6
     assert a.texts != c.texts and set(a.codes) <= set(codes)
+    assert 6 <= ga.new_tokens <= 6 * 5 and ga.tokens_per_s > 0  # each text: 1..max_new_tokens tokens
 
 
-def test_sealed_private_corpus_cannot_be_read() -> None:
+def test_private_corpus_is_readable_only_between_open_and_seal() -> None:
     private = distildp.PrivateCorpus(make_synthetic_corpus(4))
+    with pytest.raises(PrivacyError, match="before the DP stages"):
+        private.corpus
+    private.open()
     assert len(private.corpus) == 4
     private.seal()
     with pytest.raises(PrivacyError, match="private corpus"):
@@ -66,8 +73,18 @@ def test_sealed_private_corpus_cannot_be_read() -> None:
     assert len(private) == 4  # its size (used for q) stays available
 
 
-def test_run_fails_if_the_student_stage_reads_private_data(monkeypatch, tmp_path) -> None:
-    """A pipeline bug that feeds private text to the post-processing stages fails the run."""
+def _smoke(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=["experiment=distildp_smoke", "trainer.max_steps=2", *overrides])
+
+
+@pytest.mark.parametrize("method", ["distildp", "dp_onpolicy_kd"])
+def test_run_fails_if_the_student_stage_reads_private_data(method: str, monkeypatch, tmp_path) -> None:
+    """A pipeline bug that feeds private text to the post-processing stages (DistilDP's generation, the
+    on-policy student's samples) fails the run."""
     seen: list[distildp.PrivateCorpus] = []
 
     class Recording(distildp.PrivateCorpus):
@@ -77,13 +94,54 @@ def test_run_fails_if_the_student_stage_reads_private_data(monkeypatch, tmp_path
 
     monkeypatch.setattr(distildp, "PrivateCorpus", Recording)
     monkeypatch.setattr(distildp, "generate_synthetic", lambda *a, **k: seen[0].corpus)  # the bug
-    from hydra import compose, initialize_config_dir
+    with pytest.raises(PrivacyError, match="after the DP stages"):
+        distildp.run(_smoke(f"method={method}"), tmp_path)
 
-    from conftest import CONF
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=distildp_smoke", "trainer.max_steps=2"])
-    with pytest.raises(PrivacyError):
-        distildp.run(cfg, tmp_path)
+
+def test_run_fails_if_the_student_repair_reads_private_data(monkeypatch, tmp_path) -> None:
+    """The repair runs before the private corpus is opened: a repair that read it would fail the run."""
+    seen: list[distildp.PrivateCorpus] = []
+
+    class Recording(distildp.PrivateCorpus):
+        def __init__(self, corpus):
+            super().__init__(corpus)
+            seen.append(self)
+
+    monkeypatch.setattr(distildp, "PrivateCorpus", Recording)
+    monkeypatch.setattr(student_repair, "generate_synthetic", lambda *a, **k: seen[0].corpus)  # the bug
+    with pytest.raises(PrivacyError, match="before the DP stages"):
+        distildp.run(_smoke(), tmp_path)
+
+
+def test_repaired_student_depends_on_public_inputs_only(tmp_path) -> None:
+    """Two runs on different private corpora (and run seeds) share one cached repaired student (the second
+    loads the first's weights); a different repair setting makes another."""
+    cache = tmp_path / "cache"
+    runs = [distildp.run(_smoke(f"task.data_seed={d}", f"seed={d}", f"method.student.repair.cache_dir={cache}"),
+                         tmp_path / f"run{d}") for d in (0, 1)]
+    inits = [r.extra["student_init"]["repair"] for r in runs]
+    assert [i["cached"] for i in inits] == [False, True] and inits[0]["key"] == inits[1]["key"]
+    assert inits[0]["steps"] == 2 and inits[0]["corpus"]["num_samples"] == 32  # 32 texts, batch 16, 1 epoch
+    other = distildp.run(_smoke(f"method.student.repair.cache_dir={cache}", "method.student.repair.lam=0.5"),
+                         tmp_path / "other")
+    assert other.extra["student_init"]["repair"]["cached"] is False
+    assert other.extra["student_init"]["repair"]["key"] != inits[0]["key"]
+
+
+def test_repair_lowers_the_students_loss_against_the_teacher(tmp_path) -> None:
+    """The repair trains: the student cut from the teacher's layers ends closer to the pre-trained teacher
+    (its held-out perplexity moves toward the teacher's), and the teacher stays trainable for its DP stage."""
+    cfg = _smoke("method.student.repair.epochs=4", "method.student.repair.optimizer.lr=3e-3")
+    teacher = distildp.load_causal_lm(cfg.model)
+    student = distildp.build_student(teacher, cfg.method.student)
+    held = make_synthetic_corpus(16, seed=5)
+    before = student_repair.before_private(teacher, student, held, 32, 32, None)
+    student_repair.repair_student(cfg, teacher, student, public_codes("synthetic_lm"), tmp_path)
+    after = student_repair.before_private(teacher, student, held, 32, 32, None)
+    gap = lambda v: abs(v["initial_student_perplexity"] - v["pretrained_teacher_perplexity"])  # noqa: E731
+    assert after["pretrained_teacher_perplexity"] == pytest.approx(before["pretrained_teacher_perplexity"])
+    assert gap(after) < gap(before)
+    assert all(p.requires_grad for p in teacher.model.parameters())
 
 
 def test_synthetic_corpus_is_cached_for_a_resumed_run(tmp_path) -> None:
@@ -93,14 +151,35 @@ def test_synthetic_corpus_is_cached_for_a_resumed_run(tmp_path) -> None:
 
     def make(n: int):
         calls.append(n)
-        return make_synthetic_corpus(n)
+        return generate.Generation(make_synthetic_corpus(n), new_tokens=10 * n, seconds=0.5)
 
     cache = tmp_path / "checkpoints" / "synthetic.json"
     key = {"generation": {"num_samples": 4}, "seed": 0, "codes": ["a"], "teacher_steps": 3}
-    first = distildp.cached_synthetic(cache, key, lambda: make(4))
-    again = distildp.cached_synthetic(cache, key, lambda: make(4))
-    assert calls == [4] and (again.codes, again.texts) == (first.codes, first.texts)
-    other = distildp.cached_synthetic(cache, {**key, "seed": 1}, lambda: make(5))
-    assert calls == [4, 5] and len(other) == 5
-    distildp.cached_synthetic(None, key, lambda: make(6))  # no checkpointing: nothing kept
+    first = generate.cached_generation(cache, key, lambda: make(4))
+    again = generate.cached_generation(cache, key, lambda: make(4))
+    assert calls == [4] and (again.corpus.codes, again.corpus.texts) == (first.corpus.codes, first.corpus.texts)
+    assert (again.new_tokens, again.seconds) == (first.new_tokens, first.seconds)  # the original cost
+    other = generate.cached_generation(cache, {**key, "seed": 1}, lambda: make(5))
+    assert calls == [4, 5] and len(other.corpus) == 5
+    generate.cached_generation(None, key, lambda: make(6))  # no checkpointing: nothing kept
     assert calls == [4, 5, 6]
+
+
+def test_divergences() -> None:
+    """Forward KL is KL(teacher ‖ student) and reverse its swap; all three vanish at equality and are
+    positive otherwise; GKD's JSD(β) is bounded by the entropy of the mixture weights, symmetric at β = ½."""
+    torch.manual_seed(1)
+    s, t = torch.randn(4, 9).log_softmax(-1), torch.randn(4, 9).log_softmax(-1)
+    fwd, rev = token_divergence(s, t, "forward"), token_divergence(s, t, "reverse")
+    torch.testing.assert_close(rev, token_divergence(t, s, "forward"))
+    torch.testing.assert_close(fwd, (t.exp() * (t - s)).sum(-1))
+    for kind in ("forward", "reverse", "jsd"):
+        torch.testing.assert_close(token_divergence(s, s, kind), torch.zeros(4), atol=1e-6, rtol=0)
+        assert (token_divergence(s, t, kind) > 0).all()
+    for beta in (0.1, 0.5, 0.9):
+        jsd = token_divergence(s, t, "jsd", beta)
+        h = -(beta * math.log(beta) + (1 - beta) * math.log(1 - beta))
+        assert (jsd <= h + 1e-6).all()
+    torch.testing.assert_close(token_divergence(s, t, "jsd", 0.5), token_divergence(t, s, "jsd", 0.5))
+    with pytest.raises(ValueError, match="choose one of"):
+        token_divergence(s, t, "tv")

@@ -1,0 +1,87 @@
+"""Sampling texts from a causal LM conditioned on public control codes (DistilDP's synthetic corpus,
+the student repair's public corpus, the on-policy student's own samples), with tokens/s measured."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+
+from dpbench.data.generation import ControlledCorpus, prompt_ids
+from dpbench.models.registry import LoadedModel
+from dpbench.results.io import read_json, write_json_atomic
+
+
+@dataclass
+class Generation:
+    """Generated texts and what making them cost: new tokens (each text's tokens up to and including
+    its EOS) and wall seconds of ``generate``."""
+
+    corpus: ControlledCorpus
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def record(self) -> dict[str, float]:
+        return {"num_samples": len(self.corpus), "new_tokens": self.new_tokens, "seconds": round(self.seconds, 3),
+                "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+def _new_tokens(seq: torch.Tensor, eos: int | None) -> int:
+    if eos is None:
+        return int(seq.numel())
+    hits = (seq == eos).nonzero()
+    return int(hits[0, 0]) + 1 if len(hits) else int(seq.numel())
+
+
+@torch.no_grad()
+def generate_synthetic(lm: LoadedModel, codes: list[str], g: DictConfig, seed: int) -> Generation:
+    """``g.num_samples`` texts from ``lm``, each conditioned on a code drawn uniformly from ``codes``
+    (seeded: the same seed gives the same texts). Prompts sharing a code are batched (``g.batch_size``
+    rows, no padding, so every row's prompt is exactly the training prefix) and decoded with the KV
+    cache (top-k / top-p sampling)."""
+    rng = torch.Generator().manual_seed(seed)
+    drawn = [codes[i] for i in torch.randint(len(codes), (int(g.num_samples),), generator=rng).tolist()]
+    model, tok = lm.model, lm.tokenizer
+    was_training = model.training
+    model.eval()
+    texts: dict[int, str] = {}
+    batch, new_tokens, start = int(g.get("batch_size", 16)), 0, time.perf_counter()
+    for j, code in enumerate(sorted(set(drawn))):
+        rows = [i for i, c in enumerate(drawn) if c == code]
+        prompt = torch.tensor([prompt_ids(tok, code)])
+        for k in range(0, len(rows), batch):
+            chunk = rows[k:k + batch]
+            torch.manual_seed(seed * 100_003 + j * 1_009 + k)
+            out = model.generate(prompt.expand(len(chunk), -1), attention_mask=torch.ones_like(prompt).expand(len(chunk), -1),
+                                 do_sample=True, top_k=int(g.top_k), top_p=float(g.top_p), use_cache=True,
+                                 max_new_tokens=int(g.max_new_tokens), pad_token_id=tok.pad_token_id)
+            for i, seq in zip(chunk, out[:, prompt.shape[1]:]):
+                texts[i] = tok.decode(seq, skip_special_tokens=True).strip()
+                new_tokens += _new_tokens(seq, tok.eos_token_id)
+    model.train(was_training)
+    return Generation(ControlledCorpus(drawn, [texts[i] for i in range(len(drawn))]), new_tokens,
+                      time.perf_counter() - start)
+
+
+def cached_generation(cache: Path | None, key: dict, make: Callable[[], Generation]) -> Generation:
+    """``make()``'s texts, kept in ``cache`` (JSON): loaded instead of regenerated when the file was
+    written under the same ``key`` (generation settings, seed, codes, the generating model's state).
+    Regenerating spends no privacy (the generator is public or DP-trained, the codes public); the cache
+    saves only time, and the stored cost (tokens, seconds) is the original generation's."""
+    if cache is not None and cache.exists():
+        saved = read_json(cache)
+        if saved.get("key") == key:
+            return Generation(ControlledCorpus(saved["codes"], saved["texts"]), int(saved.get("new_tokens", 0)),
+                              float(saved.get("seconds", 0.0)))
+    gen = make()
+    if cache is not None:
+        write_json_atomic(cache, {"key": key, "codes": gen.corpus.codes, "texts": gen.corpus.texts,
+                                  "new_tokens": gen.new_tokens, "seconds": gen.seconds})
+    return gen

@@ -1,0 +1,116 @@
+"""Repairing a student cut from a public teacher, before any private step, from public inputs only.
+
+A student made of some of the pre-trained teacher's layers (every other one by default) is a broken
+language model until it is trained: DistilDP's DistilGPT2 was a pre-trained small model. Here the student is
+distilled from the **pre-trained** teacher on text that the pre-trained teacher generates from the task's
+public control codes: (1 − λ)·CE + λ·T²·KL(teacher ‖ student) on the generated text.
+
+Privacy: the repair's inputs are the public pre-trained weights, the public control-code space, its own
+seed and its settings, and nothing else. The run builds and repairs the student before its private corpus
+is opened (:class:`dpbench.methods.distildp.PrivateCorpus` raises on a read before ``open``), so the
+repaired student is a public starting point: it costs no ε and it is the same for every pipeline and every
+run seed. It is cached on disk under a hash of exactly those inputs (:func:`repair_key`); a test checks
+that two different private corpora give the same repaired weights.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dpbench.data.generation import ControlledCorpus
+from dpbench.data.perplexity import perplexity
+from dpbench.methods.generate import generate_synthetic
+from dpbench.methods.language_model import LMDistillModule, train_lm
+from dpbench.models.registry import LoadedModel
+from dpbench.pipeline import plan_privacy
+from dpbench.results.io import read_json, write_json_atomic
+
+WEIGHTS, INFO, EVAL = "student.pt", "info.json", "eval.json"
+_NOT_IN_KEY = ("cache_dir", "enabled")  # where it is kept and whether it runs change nothing it computes
+
+
+def repair_key(cfg: DictConfig, codes: list[str]) -> str:
+    """A hash of everything the repaired student depends on: the teacher's model config, the student's
+    layers, the repair settings (generation, optimizer, steps, seed), the public codes, the sequence
+    length and micro-batch size (they shape the loss), and nothing from the task's data."""
+    repair = {k: v for k, v in OmegaConf.to_container(cfg.method.student.repair, resolve=True).items()
+              if k not in _NOT_IN_KEY}
+    parts = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+             "layers": OmegaConf.to_container(cfg.method.student, resolve=True).get("layers"),
+             "trainable": cfg.method.trainable, "freeze_embeddings": bool(cfg.method.get("freeze_embeddings", False)),
+             "repair": repair, "codes": list(codes), "max_length": int(cfg.task.max_length),
+             "physical_batch_size": int(cfg.privacy.physical_batch_size)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _train(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, corpus: ControlledCorpus,
+           out_dir: Path) -> dict[str, Any]:
+    r = cfg.method.student.repair
+    r_cfg = copy.deepcopy(cfg)
+    r_cfg.method.optimizer = r.optimizer
+    r_cfg.privacy.batch_size = min(int(r.batch_size), len(corpus))
+    r_cfg.trainer.checkpoint_every_n_steps = 0  # the cache is the repair's checkpoint
+    steps = max(1, round(float(r.epochs) * len(corpus) / int(r_cfg.privacy.batch_size)))
+    plan = plan_privacy(r_cfg, len(corpus), private=False, steps=steps)
+    val = corpus.subset(min(64, len(corpus)), int(r.seed))  # generated (public) text: a progress check only
+    flags = {n: p.requires_grad for n, p in teacher.model.named_parameters()}  # the distiller freezes them
+    try:
+        result = train_lm(r_cfg, student, corpus, val, plan, out_dir, stage_name="student_repair", seed=int(r.seed),
+                          module_factory=partial(LMDistillModule, teacher=teacher.model, lam=float(r.lam),
+                                                 temperature=float(r.temperature)))
+    finally:
+        for n, p in teacher.model.named_parameters():
+            p.requires_grad_(flags[n])
+    return {"steps": result.steps, "train_s": round(result.train_s, 3),
+            "generated_perplexity": result.metrics.get("perplexity")}
+
+
+def repair_student(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, codes: list[str],
+                   out_dir: Path) -> dict[str, Any]:
+    """Repair ``student`` in place from the pre-trained ``teacher`` (which must not have seen private data
+    yet) and the public ``codes``; returns the record's ``student_init.repair`` (with ``cached``). Loads
+    the repaired weights from ``method.student.repair.cache_dir`` when they were made under the same key."""
+    r = cfg.method.student.repair
+    key = repair_key(cfg, codes)
+    folder = Path(r.cache_dir) / key if r.get("cache_dir") else None
+    if folder is not None and (folder / WEIGHTS).exists() and (folder / INFO).exists():
+        info = read_json(folder / INFO)
+        student.model.load_state_dict(torch.load(folder / WEIGHTS, weights_only=True))
+        return {**info, "cached": True, "cache": str(folder)}
+    gen = generate_synthetic(teacher, codes, r.generation, int(r.seed))
+    info = {"key": key, "from": "the pre-trained teacher (public), on text it generated from the public codes",
+            "corpus": gen.record(), "lam": float(r.lam), "temperature": float(r.temperature),
+            **_train(cfg, teacher, student, gen.corpus, out_dir)}
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{WEIGHTS}.{os.getpid()}"
+        torch.save(student.model.state_dict(), tmp)
+        os.replace(tmp, folder / WEIGHTS)
+        write_json_atomic(folder / INFO, info)
+    return {**info, "cached": False, "cache": None if folder is None else str(folder)}
+
+
+def before_private(teacher: LoadedModel, student: LoadedModel, held_out: ControlledCorpus, window: int,
+                   stride: int, folder: str | Path | None) -> dict[str, float]:
+    """The pre-trained teacher's and the (repaired) student's held-out perplexity before any private step.
+    Kept in the repair's cache ``folder`` (``eval.json``) under a hash of the held-out texts and the
+    window, so a sweep measures them once."""
+    tag = hashlib.sha256(json.dumps([held_out.texts, window, stride]).encode()).hexdigest()[:16]
+    path = Path(folder) / EVAL if folder else None
+    saved = read_json(path) if path is not None and path.exists() else {}
+    if tag in saved:
+        return dict(saved[tag])
+    ppl = partial(perplexity, texts=held_out.texts, window=window, stride=stride)
+    values = {"pretrained_teacher_perplexity": ppl(teacher.model, teacher.tokenizer),
+              "initial_student_perplexity": ppl(student.model, student.tokenizer)}
+    if path is not None:
+        write_json_atomic(path, {**saved, tag: values})
+    return values
