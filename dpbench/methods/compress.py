@@ -26,7 +26,7 @@ from dpbench.compression.report import compression_report
 from dpbench.compression.sparsity import magnitude_prune, make_permanent, sparsity_schedule
 from dpbench.compression.structured import encoder_layers, structure, structured_prune
 from dpbench.errors import ConfigError
-from dpbench.methods.finetune import select_trainable
+from dpbench.methods.finetune import set_trainable
 from dpbench.models.registry import load_model
 from dpbench.pipeline import (data_record, load_task, make_record, plan_stages, privacy_record, sample_inputs,
                               train_classifier)
@@ -61,6 +61,8 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     if private and not structured and cfg.privacy.get("engine", "bk") != "bk":
         raise ConfigError("unstructured pruning trains masked weights (weight_orig), which only the bk engine clips; "
                           "set privacy.engine=bk")
+    if cfg.method.trainable == "lora":
+        raise ConfigError("pruning removes the model's own weights; set method.trainable=full or bitfit")
     actions = schedule(c)
     spec, train, dev = load_task(cfg.task, int(cfg.seed))
     planned = plan_stages(cfg, len(train), [v for a, v in actions if a == "train"], private=private)
@@ -68,7 +70,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     lm = load_model(cfg.model, spec.num_labels)
     if structured:
         encoder_layers(lm.model)  # fail before training on a model without heads/neurons to remove
-    select_trainable(lm.model, cfg.method.trainable)
+    set_trainable(lm, cfg.method)
     dense = copy.deepcopy(lm.model)
     results, history = [], []
     for action, value in actions:

@@ -25,7 +25,7 @@ from dpbench.compression.report import compression_report
 from dpbench.compression.structured import copy_with_layers, encoder_layers, structure, structured_prune
 from dpbench.errors import ConfigError
 from dpbench.methods.base import ClassifierModule, upcast
-from dpbench.methods.finetune import select_trainable
+from dpbench.methods.finetune import set_trainable
 from dpbench.models.registry import load_model
 from dpbench.pipeline import (data_record, load_task, make_record, plan_stages, privacy_record, sample_inputs,
                               train_classifier)
@@ -77,6 +77,8 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     temperature, alpha = float(m.kd.temperature), float(m.kd.alpha)
     if temperature <= 0 or not 0 <= alpha <= 1:
         raise ConfigError(f"method.kd needs temperature > 0 and alpha in [0, 1] (got {temperature}, {alpha})")
+    if m.trainable == "lora":
+        raise ConfigError("dpkd trains a student cut from the teacher's layers; set method.trainable=full or bitfit")
     spec, train, dev = load_task(cfg.task, int(cfg.seed))
     private = bool(m.private)
     split = m.get("budget_split")
@@ -84,12 +86,12 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
                         budget_split=None if split is None else float(split))
     lm = load_model(cfg.model, spec.num_labels)
     encoder_layers(lm.model)  # fail before training if the student cannot be built from this model
-    select_trainable(lm.model, m.trainable)
+    set_trainable(lm, m)
     teacher_res = train_classifier(cfg, lm, spec, train, dev, plans[0], out_dir, stage_name="teacher",
                                    seed=int(cfg.seed))
     teacher = lm.model
     student_lm = replace(lm, model=build_student(teacher, m.student))
-    select_trainable(student_lm.model, m.trainable)
+    set_trainable(student_lm, m)
     factory = partial(DistillModule, teacher=teacher, temperature=temperature, alpha=alpha)
     student_res = train_classifier(cfg, student_lm, spec, train, dev, plans[1], out_dir, stage_name="student",
                                    seed=int(cfg.seed) + 1, module_factory=factory,
