@@ -1,6 +1,6 @@
 """``dpbench-leaderboard``: verified runs as a leaderboard, and leaderboard submissions.
 
-    dpbench-leaderboard DIR [--format table|markdown|csv|html] [-o FILE] [--plots DIR] [--strict]
+    dpbench-leaderboard DIR|SUBMISSION.json [--format table|markdown|csv|html] [-o FILE] [--plots DIR] [--strict]
     dpbench-leaderboard submit DIR -o FILE [--name NAME]
     dpbench-leaderboard validate FILE [--min-seeds N]
     dpbench-leaderboard merge FILE... --into DIR [--min-seeds N]
@@ -27,11 +27,19 @@ def _fail(msg: str) -> None:
 
 
 def _verdicts(path: Path) -> list:
-    """Every run record under ``path``, verified; a one-line error when there is none."""
+    """Every run record under ``path`` (or in the submission file ``path``), verified; a one-line error when
+    there is none."""
     from dpbench.leaderboard.verify import load_verdicts
 
+    if path.is_file() and path.suffix == ".json":
+        from dpbench.leaderboard.submission import read_submission, validate
+
+        review = validate(read_submission(path), min_seeds=1)
+        if not review.runs:  # not a submission at all; a bad run inside one is listed as rejected
+            _fail(f"'{path}' is not a valid submission ({'; '.join(review.reasons)}); make it with `submit`")
+        return review.runs
     if not path.is_dir():
-        _fail(f"'{path}' is not a folder; pass the folder of your runs (e.g. outputs/)")
+        _fail(f"'{path}' is not a folder; pass the folder of your runs (e.g. outputs/) or a submission file")
     verdicts = load_verdicts(path)
     if not verdicts:
         _fail(f"no {RESULTS_FILE} under '{path}'; run `dpbench` first")
@@ -129,7 +137,8 @@ def _parser(sub: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpbench-leaderboard" + (f" {sub}" if sub else ""), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     if sub is None:
-        p.add_argument("dir", type=Path, help="folder holding run folders (searched recursively)")
+        p.add_argument("dir", type=Path, help="folder holding run folders (searched recursively), or a "
+                       "submission file made by `submit`")
         p.add_argument("--format", choices=FORMATS, help="output format (default: table, or html for -o *.html)")
         p.add_argument("-o", "--output", type=Path, help="write to this file instead of the terminal")
         p.add_argument("--plots", type=Path, help="write PNG plots here (html embeds them; default beside -o)")

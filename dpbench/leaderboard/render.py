@@ -12,7 +12,7 @@ from dpbench.leaderboard.baselines import PaperRow
 from dpbench.leaderboard.verify import Verdict
 
 COLUMNS = ("rank", "task", "model", "method", "trainable set", "ε target", "ε verified", "δ", "metric",
-           "mean ± std", "n", "paper", "trainable params", "s / step", "peak MiB", "sparsity", "latency ×",
+           "mean ± std", "n", "paper", "trainable params", "s / step", "train min", "peak MiB", "sparsity", "latency ×",
            "audit ε ≥", "tuning")
 
 
@@ -25,7 +25,7 @@ def cells(r: Row, short: bool = True) -> list[str]:
     return [_num(r.rank, "d") if r.rank else "—", r.task, r.model, r.method, r.trainable_set or "—",
             r.eps_label, _num(r.epsilon, ".3f"), _num(r.delta, ".1e"), r.metric,
             "—" if r.mean is None else f"{r.mean:.4f} ± {r.std:.3f}", str(r.n), paper,
-            f"{r.trainable:,.0f}", _num(r.step_s, ".3f"), _num(r.peak_rss_mb, ",.0f"),
+            f"{r.trainable:,.0f}", _num(r.step_s, ".3f"), _num(r.train_s / 60, ".1f"), _num(r.peak_rss_mb, ",.0f"),
             _num(r.sparsity, ".2f"), _num(r.latency_speedup, ".2f"),
             "uninformative" if r.audit_uninformative else _num(r.audit_lower, ".2f"), r.tuning]
 

@@ -205,10 +205,17 @@ def test_submit_validate_merge_round_trip(tmp_path: Path, capsys) -> None:
     assert "accept" in capsys.readouterr().out
     merged = load_verdicts(tmp_path / "board")
     assert len(merged) == 3 and all(v.ok for v in merged)
+    with pytest.raises(SystemExit) as exit_info:  # the board reads a submission file as it reads a folder
+        main([str(file), "--format", "markdown"])
+    assert exit_info.value.code == 0 and "| 0.8000 ± 0.000 | 3 |" in capsys.readouterr().out
     file.write_text(json.dumps(edited))
     with pytest.raises(SystemExit) as exit_info:
         main(["validate", str(file)])
     assert exit_info.value.code == 1 and "reject" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # the edited run is listed as rejected, never in the table
+        main([str(file), "--format", "markdown", "--strict"])
+    out = capsys.readouterr()
+    assert exit_info.value.code == 1 and "| 0.8000 ± 0.000 | 2 |" in out.out and "config_hash" in out.err
 
 
 def test_bad_folder_is_one_line_error(tmp_path: Path) -> None:
