@@ -39,7 +39,7 @@ from dpbench.data.generation import ControlledCorpus, load_yelp, make_synthetic_
 from dpbench.data.perplexity import perplexity
 from dpbench.errors import ConfigError, DataError, PrivacyError
 from dpbench.methods.finetune import select_trainable
-from dpbench.methods.generate import Generation, cached_generation, generate_synthetic
+from dpbench.methods.generate import Generation, cached_generation, derive_seed, generate_synthetic
 from dpbench.methods.language_model import LMDistillModule, train_lm
 from dpbench.methods.student_repair import before_private, repair_student
 from dpbench.models.registry import LoadedModel, load_causal_lm
@@ -112,7 +112,7 @@ def onpolicy_distill(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel
                       alpha=float(m.kd.get("alpha", 0.0)), divergence=str(o.divergence), beta=float(o.beta))
     results, gens = [], []
     for k in range(int(o.rounds)):
-        gen = generate_synthetic(student, codes, g, seed * 1_000 + k)  # the student's own samples
+        gen = generate_synthetic(student, codes, g, derive_seed(seed, f"onpolicy{k}"))  # the student's own samples
         b = min(int(cfg.privacy.batch_size), len(gen.corpus))
         s_cfg.privacy.batch_size = b
         steps = max(1, round(float(o.epochs_per_round) * len(gen.corpus) / b))
@@ -133,6 +133,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     lam, temperature, alpha = float(kd.lam), float(kd.temperature), float(kd.get("alpha", 0.0))
     train, held_out, codes = load_generation_task(cfg.task, seed)
     private = PrivateCorpus(train)  # closed until the DP stages
+    del train  # from here on, the private text is reachable only through the guard
     teacher = load_causal_lm(cfg.model)
     select_trainable(teacher.model, m.trainable)
     if m.get("freeze_embeddings", False):  # (tied: the LM head too) public weights, no per-sample V×d gradients
@@ -149,6 +150,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
         if m.eval.get("before_private", True) else {}
     distill = partial(LMDistillModule, lam=lam, temperature=temperature, alpha=alpha)
     results, extra = {}, {"student_init": init}
+    generation_s = 0.0  # generation after the DP stages (DistilDP's corpus, the on-policy samples)
 
     private.open()
     if m.pipeline == "dp_student":
@@ -176,7 +178,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
                "teacher_steps": results["teacher"].steps}
         gen = cached_generation(out_dir / "checkpoints" / "synthetic.json" if resumable else None, key,
                                 lambda: generate_synthetic(teacher, codes, m.generation, seed))
-        synthetic = gen.corpus
+        synthetic, generation_s = gen.corpus, gen.seconds
         s_cfg = copy.deepcopy(cfg)
         s_cfg.method.optimizer = m.student_optimizer
         steps = max(1, round(float(m.student_epochs) * len(synthetic) / int(cfg.privacy.batch_size)))
@@ -191,7 +193,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     elif m.pipeline == "onpolicy":
         rounds, gens = onpolicy_distill(cfg, teacher, student, codes, out_dir, seed)
         results.update({r_name: r for r_name, r in zip((f"onpolicy_{k}" for k in range(len(rounds))), rounds)})
-        last = gens[-1].corpus
+        last, generation_s, lam = gens[-1].corpus, sum(g.seconds for g in gens), 1.0  # pure divergence
         (out_dir / "samples.txt").write_text("\n\n---\n\n".join(f"{c}\n{t}" for c, t in
                                                                 zip(last.codes[:20], last.texts[:20])))
         o = m.onpolicy
@@ -210,6 +212,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
                              "student_layers": len(transformer_layers(student.model)[2]),
                              "teacher_layers": len(transformer_layers(teacher.model)[2]) if teacher else None,
                              "stage_metrics": {k: r.metrics for k, r in results.items()}}
-    return make_record(cfg, metrics=metrics, privacy=privacy, params=params,
-                       results=list(results.values()),
-                       extra={**extra, "data": {"train_examples": len(train), "eval_examples": len(held_out)}})
+    record = make_record(cfg, metrics=metrics, privacy=privacy, params=params, results=list(results.values()),
+                         extra={**extra, "data": {"train_examples": len(private), "eval_examples": len(held_out)}})
+    record.timing["generation_s"] = round(generation_s, 3)  # beside train_s, which counts training steps only
+    return record

@@ -2,6 +2,7 @@
 the student repair's public corpus, the on-policy student's own samples), with tokens/s measured."""
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,12 @@ from omegaconf import DictConfig
 from dpbench.data.generation import ControlledCorpus, prompt_ids
 from dpbench.models.registry import LoadedModel
 from dpbench.results.io import read_json, write_json_atomic
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """A seed for one use (``"repair"``, ``"onpolicy3"``, …) of a base seed, so that the repair, DistilDP's
+    generation and each on-policy round draw independent streams even when their base seeds coincide."""
+    return int.from_bytes(hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:4], "big")
 
 
 @dataclass
@@ -28,9 +35,11 @@ class Generation:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
-    def record(self) -> dict[str, float]:
+    device: str = "cpu"
+
+    def record(self) -> dict[str, float | str]:
         return {"num_samples": len(self.corpus), "new_tokens": self.new_tokens, "seconds": round(self.seconds, 3),
-                "tokens_per_s": round(self.tokens_per_s, 2)}
+                "tokens_per_s": round(self.tokens_per_s, 2), "device": self.device}
 
 
 def _new_tokens(seq: torch.Tensor, eos: int | None) -> int:
@@ -49,13 +58,14 @@ def generate_synthetic(lm: LoadedModel, codes: list[str], g: DictConfig, seed: i
     rng = torch.Generator().manual_seed(seed)
     drawn = [codes[i] for i in torch.randint(len(codes), (int(g.num_samples),), generator=rng).tolist()]
     model, tok = lm.model, lm.tokenizer
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     texts: dict[int, str] = {}
     batch, new_tokens, start = int(g.get("batch_size", 16)), 0, time.perf_counter()
     for j, code in enumerate(sorted(set(drawn))):
         rows = [i for i, c in enumerate(drawn) if c == code]
-        prompt = torch.tensor([prompt_ids(tok, code)])
+        prompt = torch.tensor([prompt_ids(tok, code)], device=device)
         for k in range(0, len(rows), batch):
             chunk = rows[k:k + batch]
             torch.manual_seed(seed * 100_003 + j * 1_009 + k)
@@ -67,7 +77,7 @@ def generate_synthetic(lm: LoadedModel, codes: list[str], g: DictConfig, seed: i
                 new_tokens += _new_tokens(seq, tok.eos_token_id)
     model.train(was_training)
     return Generation(ControlledCorpus(drawn, [texts[i] for i in range(len(drawn))]), new_tokens,
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, str(device))
 
 
 def cached_generation(cache: Path | None, key: dict, make: Callable[[], Generation]) -> Generation:
@@ -79,9 +89,9 @@ def cached_generation(cache: Path | None, key: dict, make: Callable[[], Generati
         saved = read_json(cache)
         if saved.get("key") == key:
             return Generation(ControlledCorpus(saved["codes"], saved["texts"]), int(saved.get("new_tokens", 0)),
-                              float(saved.get("seconds", 0.0)))
+                              float(saved.get("seconds", 0.0)), str(saved.get("device", "cpu")))
     gen = make()
     if cache is not None:
         write_json_atomic(cache, {"key": key, "codes": gen.corpus.codes, "texts": gen.corpus.texts,
-                                  "new_tokens": gen.new_tokens, "seconds": gen.seconds})
+                                  "new_tokens": gen.new_tokens, "seconds": gen.seconds, "device": gen.device})
     return gen

@@ -9,8 +9,10 @@ Privacy: the repair's inputs are the public pre-trained weights, the public cont
 seed and its settings, and nothing else. The run builds and repairs the student before its private corpus
 is opened (:class:`dpbench.methods.distildp.PrivateCorpus` raises on a read before ``open``), so the
 repaired student is a public starting point: it costs no ε and it is the same for every pipeline and every
-run seed. It is cached on disk under a hash of exactly those inputs (:func:`repair_key`); a test checks
-that two different private corpora give the same repaired weights.
+run seed. It is cached on disk under a hash of exactly those inputs (:func:`repair_key`); tests check that
+two different private corpora give identical repaired weights, and that the second run loads the first's.
+``model.pretrained`` must be public weights: a privately fine-tuned checkpoint there would make the repair,
+and its cache, private.
 """
 from __future__ import annotations
 
@@ -27,28 +29,34 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpbench.data.generation import ControlledCorpus
 from dpbench.data.perplexity import perplexity
-from dpbench.methods.generate import generate_synthetic
+from dpbench.methods.generate import derive_seed, generate_synthetic
 from dpbench.methods.language_model import LMDistillModule, train_lm
 from dpbench.models.registry import LoadedModel
 from dpbench.pipeline import plan_privacy
-from dpbench.results.io import read_json, write_json_atomic
+from dpbench.results.io import read_json, versions, write_json_atomic
 
 WEIGHTS, INFO, EVAL = "student.pt", "info.json", "eval.json"
+REPAIR_VERSION = 1  # bump when the repair's code changes what it computes (loss, generation, prompt format)
 _NOT_IN_KEY = ("cache_dir", "enabled")  # where it is kept and whether it runs change nothing it computes
 
 
 def repair_key(cfg: DictConfig, codes: list[str]) -> str:
     """A hash of everything the repaired student depends on: the teacher's model config, the student's
-    layers, the repair settings (generation, optimizer, steps, seed), the public codes, the sequence
-    length and micro-batch size (they shape the loss), and nothing from the task's data."""
+    layers and trainable set, the repair settings (generation, optimizer, steps, seed), the public codes,
+    the sequence length, micro-batching, precision and devices, the code version and the library versions;
+    nothing from the task's data."""
     repair = {k: v for k, v in OmegaConf.to_container(cfg.method.student.repair, resolve=True).items()
               if k not in _NOT_IN_KEY}
-    parts = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+    p, t = cfg.privacy, cfg.trainer
+    lib = versions()
+    parts = {"version": REPAIR_VERSION, "libraries": {k: lib.get(k) for k in ("torch", "transformers")},
+             "model": OmegaConf.to_container(cfg.model, resolve=True),
              "layers": OmegaConf.to_container(cfg.method.student, resolve=True).get("layers"),
              "trainable": cfg.method.trainable, "freeze_embeddings": bool(cfg.method.get("freeze_embeddings", False)),
              "repair": repair, "codes": list(codes), "max_length": int(cfg.task.max_length),
-             "physical_batch_size": int(cfg.privacy.physical_batch_size)}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+             "micro_batching": [int(p.physical_batch_size), p.get("physical_batch_tokens"), p.get("group_by_length")],
+             "precision": str(t.get("precision", "32-true")), "devices": t.get("devices", 1)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def _train(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, corpus: ControlledCorpus,
@@ -62,6 +70,7 @@ def _train(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, corpus: 
     plan = plan_privacy(r_cfg, len(corpus), private=False, steps=steps)
     val = corpus.subset(min(64, len(corpus)), int(r.seed))  # generated (public) text: a progress check only
     flags = {n: p.requires_grad for n, p in teacher.model.named_parameters()}  # the distiller freezes them
+    mode = teacher.model.training
     try:
         result = train_lm(r_cfg, student, corpus, val, plan, out_dir, stage_name="student_repair", seed=int(r.seed),
                           module_factory=partial(LMDistillModule, teacher=teacher.model, lam=float(r.lam),
@@ -69,6 +78,7 @@ def _train(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, corpus: 
     finally:
         for n, p in teacher.model.named_parameters():
             p.requires_grad_(flags[n])
+        teacher.model.train(mode)
     return {"steps": result.steps, "train_s": round(result.train_s, 3),
             "generated_perplexity": result.metrics.get("perplexity")}
 
@@ -85,7 +95,7 @@ def repair_student(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, 
         info = read_json(folder / INFO)
         student.model.load_state_dict(torch.load(folder / WEIGHTS, weights_only=True))
         return {**info, "cached": True, "cache": str(folder)}
-    gen = generate_synthetic(teacher, codes, r.generation, int(r.seed))
+    gen = generate_synthetic(teacher, codes, r.generation, derive_seed(int(r.seed), "repair"))
     info = {"key": key, "from": "the pre-trained teacher (public), on text it generated from the public codes",
             "corpus": gen.record(), "lam": float(r.lam), "temperature": float(r.temperature),
             **_train(cfg, teacher, student, gen.corpus, out_dir)}

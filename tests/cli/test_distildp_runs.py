@@ -34,6 +34,8 @@ def test_distildp_pipelines_write_ok_records(method: str, tmp_path: Path) -> Non
         assert (out / "samples.txt").exists() and r["onpolicy"]["rounds"] == 2
         assert [g["num_samples"] for g in r["onpolicy"]["generation"]] == [16, 16]
         assert r["timing"]["steps"] == 4 + 2  # the teacher's DP steps and the student's rounds
+        assert r["distillation"]["lam"] == 1.0  # the divergence alone
+    assert (r["timing"]["generation_s"] > 0) == (method in ("distildp", "distildp_synthetic_only", "dp_onpolicy_kd"))
     repair = r["student_init"]["repair"]  # every pipeline starts from the repaired student (no cache here)
     assert repair["cached"] is False and repair["steps"] == 2 and repair["corpus"]["tokens_per_s"] > 0
     assert r["metrics"]["pretrained_teacher_perplexity"] > 1 and r["metrics"]["initial_student_perplexity"] > 1
