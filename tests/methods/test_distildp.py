@@ -84,10 +84,8 @@ def _smoke(*overrides: str):
         return compose("config", overrides=["experiment=distildp_smoke", "trainer.max_steps=2", *overrides])
 
 
-@pytest.mark.parametrize("method", ["distildp", "dp_onpolicy_kd"])
-def test_run_fails_if_the_student_stage_reads_private_data(method: str, monkeypatch, tmp_path) -> None:
-    """A pipeline bug that feeds private text to the post-processing stages (DistilDP's generation, the
-    on-policy student's samples) fails the run."""
+def _record_private_corpora(monkeypatch) -> list:
+    """The run's PrivateCorpus objects, as they are made (to let a test inject a read of one)."""
     seen: list[distildp.PrivateCorpus] = []
 
     class Recording(distildp.PrivateCorpus):
@@ -96,6 +94,14 @@ def test_run_fails_if_the_student_stage_reads_private_data(method: str, monkeypa
             seen.append(self)
 
     monkeypatch.setattr(distildp, "PrivateCorpus", Recording)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["distildp", "dp_onpolicy_kd"])
+def test_run_fails_if_the_student_stage_reads_private_data(method: str, monkeypatch, tmp_path) -> None:
+    """A pipeline bug that feeds private text to the post-processing stages (DistilDP's generation, the
+    on-policy student's samples) fails the run."""
+    seen = _record_private_corpora(monkeypatch)
     monkeypatch.setattr(distildp, "generate_synthetic", lambda *a, **k: seen[0].corpus)  # the bug
     with pytest.raises(PrivacyError, match="after the DP stages"):
         distildp.run(_smoke(f"method={method}"), tmp_path)
@@ -103,14 +109,7 @@ def test_run_fails_if_the_student_stage_reads_private_data(method: str, monkeypa
 
 def test_run_fails_if_the_student_repair_reads_private_data(monkeypatch, tmp_path) -> None:
     """The repair runs before the private corpus is opened: a repair that read it would fail the run."""
-    seen: list[distildp.PrivateCorpus] = []
-
-    class Recording(distildp.PrivateCorpus):
-        def __init__(self, corpus):
-            super().__init__(corpus)
-            seen.append(self)
-
-    monkeypatch.setattr(distildp, "PrivateCorpus", Recording)
+    seen = _record_private_corpora(monkeypatch)
     monkeypatch.setattr(student_repair, "generate_synthetic", lambda *a, **k: seen[0].corpus)  # the bug
     with pytest.raises(PrivacyError, match="before the DP stages"):
         distildp.run(_smoke(), tmp_path)
