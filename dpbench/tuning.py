@@ -29,8 +29,10 @@ import math
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
+import threading
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,11 +172,39 @@ def run_trials(out: Path, overrides: list[str], configs: list[dict[str, Any]], s
     cmd = [sys.executable, "-m", "dpbench", "-m", *overrides, f"hydra.searchpath=[file://{private / 'conf'}]",
            f"+tune_trial={','.join(names)}", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
     with open(private / "sweep.log", "w") as log:
-        proc = subprocess.run(cmd, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise TuneError(f"the trials' sweep failed (exit {proc.returncode}; {private / 'sweep.log'}): nothing is "
+        code = run_process_group(cmd, log, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    if code != 0:
+        raise TuneError(f"the trials' sweep failed (exit {code}; {private / 'sweep.log'}): nothing is "
                         "released, and this tuning's budget is spent; fix the cause and tune into a new --out")
     return [sweep / str(i) for i in range(len(configs))]
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_process_group(cmd: list[str], log: Any, env: dict[str, str]) -> int:
+    """Run ``cmd`` as the leader of its own process group and return its exit code. If this process is stopped
+    (SIGINT, or SIGTERM while this runs in the main thread) or fails while waiting, the whole group — the sweep
+    and every trial worker it started — is killed, so no trial outlives the tuning."""
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        return proc.wait()
+    except BaseException:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=10)
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _score(record: dict[str, Any] | None, plan: Plan, rng: np.random.Generator) -> tuple[float, float]:

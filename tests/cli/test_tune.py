@@ -100,3 +100,34 @@ def test_a_failed_trial_releases_nothing() -> None:
 
     with pytest.raises(TuneError, match="nothing is released"):
         _score({"status": "failed"}, None, None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_stopping_the_tuner_stops_every_trial_worker(sig: str, tmp_path: Path) -> None:
+    """A stopped tuning leaves no trial running: the sweep and the workers it starts form one process group."""
+    import signal
+    import time
+
+    pidfile = tmp_path / "worker.pid"
+    worker = f"sleep 300 & echo $! > {pidfile}; wait"  # a grandchild, as a sweep's trial worker is
+    tuner = subprocess.Popen([sys.executable, "-c", "import sys; from dpbench.tuning import run_process_group; "
+                              f"run_process_group(['bash', '-c', {worker!r}], sys.stdout, {{}})"], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline and tuner.poll() is None, "the worker never started"
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    assert _alive(pid)
+    tuner.send_signal(getattr(signal, sig))
+    assert tuner.wait(timeout=30) != 0
+    deadline = time.monotonic() + 15
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), "a trial worker outlived the tuner"
