@@ -50,15 +50,18 @@ YELP_STARS = ["1.0", "2.0", "3.0", "4.0", "5.0"]
 
 @dataclass
 class ControlledCorpus:
-    """Parallel lists of control codes and texts."""
+    """Parallel lists of control codes and texts; for generated text also the token ids as sampled (the body
+    after the prompt, up to its EOS, which is left out). Training then uses those ids, not a re-tokenisation
+    of the decoded text, so an on-policy student learns on exactly the sequences it sampled."""
 
     codes: list[str]
     texts: list[str]
+    token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
-        if len(self.codes) != len(self.texts):
-            raise DataError(f"codes and texts have different lengths ({len(self.codes)}, "
-                            f"{len(self.texts)}); build ControlledCorpus from parallel lists")
+        if len(self.codes) != len(self.texts) or (self.token_ids is not None and len(self.token_ids) != len(self.texts)):
+            raise DataError(f"codes, texts and token ids have different lengths ({len(self.codes)}, "
+                            f"{len(self.texts)}, {len(self.token_ids or [])}); build ControlledCorpus from parallel lists")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -71,7 +74,8 @@ class ControlledCorpus:
         idx = subset_indices(len(self), n, seed)
         if idx is None:
             return self
-        return ControlledCorpus([self.codes[i] for i in idx], [self.texts[i] for i in idx])
+        ids = None if self.token_ids is None else [self.token_ids[i] for i in idx]
+        return ControlledCorpus([self.codes[i] for i in idx], [self.texts[i] for i in idx], ids)
 
 
 def format_code(category: str, stars: str) -> str:
@@ -231,9 +235,12 @@ class LMCollator:
             self._prefixes[code] = prompt_ids(self.tokenizer, code)
         return self._prefixes[code]
 
-    def encode(self, docs: Sequence[tuple[str, str]]) -> list[tuple[Tensor, int]]:
-        """(ids, prefix length kept) per document, truncated to ``max_length``."""
-        bodies = self.tokenizer([t for _, t in docs], add_special_tokens=False)["input_ids"] if docs else []
+    def encode(self, docs: Sequence[tuple[str, str]], bodies: Sequence[Sequence[int]] | None = None
+               ) -> list[tuple[Tensor, int]]:
+        """(ids, prefix length kept) per document, truncated to ``max_length``; ``bodies``: the texts'
+        token ids when known (sampled), else the texts are tokenised."""
+        if bodies is None:
+            bodies = self.tokenizer([t for _, t in docs], add_special_tokens=False)["input_ids"] if docs else []
         rows = []
         for (code, _), body in zip(docs, bodies):
             prefix = self._prefix(code)
@@ -259,10 +266,10 @@ class LMCollator:
 
 
 class LMDataset(Dataset):
-    """A :class:`ControlledCorpus` tokenised once, as :meth:`LMCollator.encode` rows."""
+    """A :class:`ControlledCorpus` tokenised once (or taken as sampled), as :meth:`LMCollator.encode` rows."""
 
     def __init__(self, corpus: ControlledCorpus, collator: LMCollator) -> None:
-        self.rows = collator.encode(list(zip(corpus.codes, corpus.texts)))
+        self.rows = collator.encode(list(zip(corpus.codes, corpus.texts)), corpus.token_ids)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -42,11 +42,11 @@ class Generation:
                 "tokens_per_s": round(self.tokens_per_s, 2), "device": self.device}
 
 
-def _new_tokens(seq: torch.Tensor, eos: int | None) -> int:
-    if eos is None:
-        return int(seq.numel())
-    hits = (seq == eos).nonzero()
-    return int(hits[0, 0]) + 1 if len(hits) else int(seq.numel())
+def _body(seq: torch.Tensor, eos: int | None) -> tuple[list[int], int]:
+    """The sampled ids before the first EOS, and the new tokens generation spent on them (EOS included)."""
+    hits = (seq == eos).nonzero() if eos is not None else seq[:0]
+    end = int(hits[0, 0]) if len(hits) else int(seq.numel())
+    return seq[:end].tolist(), min(end + 1, int(seq.numel()))
 
 
 @torch.no_grad()
@@ -62,6 +62,7 @@ def generate_synthetic(lm: LoadedModel, codes: list[str], g: DictConfig, seed: i
     was_training = model.training
     model.eval()
     texts: dict[int, str] = {}
+    bodies: dict[int, list[int]] = {}
     batch, new_tokens, start = int(g.get("batch_size", 16)), 0, time.perf_counter()
     for j, code in enumerate(sorted(set(drawn))):
         rows = [i for i, c in enumerate(drawn) if c == code]
@@ -73,10 +74,12 @@ def generate_synthetic(lm: LoadedModel, codes: list[str], g: DictConfig, seed: i
                                  do_sample=True, top_k=int(g.top_k), top_p=float(g.top_p), use_cache=True,
                                  max_new_tokens=int(g.max_new_tokens), pad_token_id=tok.pad_token_id)
             for i, seq in zip(chunk, out[:, prompt.shape[1]:]):
-                texts[i] = tok.decode(seq, skip_special_tokens=True).strip()
-                new_tokens += _new_tokens(seq, tok.eos_token_id)
+                bodies[i], spent = _body(seq, tok.eos_token_id)
+                texts[i] = tok.decode(bodies[i], skip_special_tokens=True).strip()
+                new_tokens += spent
     model.train(was_training)
-    return Generation(ControlledCorpus(drawn, [texts[i] for i in range(len(drawn))]), new_tokens,
+    order = range(len(drawn))
+    return Generation(ControlledCorpus(drawn, [texts[i] for i in order], [bodies[i] for i in order]), new_tokens,
                       time.perf_counter() - start, str(device))
 
 
@@ -88,10 +91,12 @@ def cached_generation(cache: Path | None, key: dict, make: Callable[[], Generati
     if cache is not None and cache.exists():
         saved = read_json(cache)
         if saved.get("key") == key:
-            return Generation(ControlledCorpus(saved["codes"], saved["texts"]), int(saved.get("new_tokens", 0)),
+            return Generation(ControlledCorpus(saved["codes"], saved["texts"], saved.get("token_ids")),
+                              int(saved.get("new_tokens", 0)),
                               float(saved.get("seconds", 0.0)), str(saved.get("device", "cpu")))
     gen = make()
     if cache is not None:
         write_json_atomic(cache, {"key": key, "codes": gen.corpus.codes, "texts": gen.corpus.texts,
+                                  "token_ids": gen.corpus.token_ids,
                                   "new_tokens": gen.new_tokens, "seconds": gen.seconds, "device": gen.device})
     return gen

@@ -36,7 +36,7 @@ from dpbench.pipeline import plan_privacy
 from dpbench.results.io import read_json, versions, write_json_atomic
 
 WEIGHTS, INFO, EVAL = "student.pt", "info.json", "eval.json"
-REPAIR_VERSION = 1  # bump when the repair's code changes what it computes (loss, generation, prompt format)
+REPAIR_VERSION = 2  # bump when the repair's code changes what it computes (loss, generation, prompt format)
 _NOT_IN_KEY = ("cache_dir", "enabled")  # where it is kept and whether it runs change nothing it computes
 
 

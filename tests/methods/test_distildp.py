@@ -64,6 +64,28 @@ def test_generation_is_seeded_and_uses_public_codes() -> None:
     assert 6 <= ga.new_tokens <= 6 * 5 and ga.tokens_per_s > 0  # each text: 1..max_new_tokens tokens
 
 
+def test_training_rows_are_the_sampled_ids_not_a_retokenisation() -> None:
+    """On-policy KD trains on the student's own samples: the rows are the sampled ids (up to EOS), exactly."""
+    from dpbench.data.generation import LMDataset, prompt_ids
+
+    lm = _tiny_lm()
+    sampled = []
+    generate_fn = lm.model.generate
+    lm.model.generate = lambda *a, **k: sampled.append(generate_fn(*a, **k)) or sampled[-1]
+    g = OmegaConf.create({"num_samples": 5, "max_new_tokens": 6, "top_k": 50, "top_p": 0.9, "batch_size": 8})
+    corpus = generate.generate_synthetic(lm, public_codes("synthetic_lm"), g, 0).corpus
+    tok, eos = lm.tokenizer, lm.tokenizer.eos_token_id
+    rows = LMDataset(corpus, LMCollator(tok, 64)).rows
+    bodies = {tuple(seq.tolist()) for out in sampled for seq in out}
+    for code, ids, (row, prefix_len) in zip(corpus.codes, corpus.token_ids, rows):
+        prompt = prompt_ids(tok, code)
+        assert eos not in ids and prefix_len == len(prompt)
+        assert row.tolist() == prompt + ids + [eos]
+        assert any(full[len(prompt):len(prompt) + len(ids)] == tuple(ids) for full in bodies)
+    shuffled = corpus.subset(3, seed=1)
+    assert all(corpus.token_ids[corpus.texts.index(t)] == i for t, i in zip(shuffled.texts, shuffled.token_ids))
+
+
 def test_private_corpus_is_readable_only_between_open_and_seal() -> None:
     private = distildp.PrivateCorpus(make_synthetic_corpus(4))
     with pytest.raises(PrivacyError, match="before the DP stages"):
