@@ -61,8 +61,8 @@ def generate_synthetic(lm: LoadedModel, codes: list[str], g: DictConfig, seed: i
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    texts: dict[int, str] = {}
-    bodies: dict[int, list[int]] = {}
+    texts: list[str] = [""] * len(drawn)
+    bodies: list[list[int]] = [[] for _ in drawn]
     batch, new_tokens, start = int(g.get("batch_size", 16)), 0, time.perf_counter()
     for j, code in enumerate(sorted(set(drawn))):
         rows = [i for i, c in enumerate(drawn) if c == code]
@@ -78,9 +78,7 @@ def generate_synthetic(lm: LoadedModel, codes: list[str], g: DictConfig, seed: i
                 texts[i] = tok.decode(bodies[i], skip_special_tokens=True).strip()
                 new_tokens += spent
     model.train(was_training)
-    order = range(len(drawn))
-    return Generation(ControlledCorpus(drawn, [texts[i] for i in order], [bodies[i] for i in order]), new_tokens,
-                      time.perf_counter() - start, str(device))
+    return Generation(ControlledCorpus(drawn, texts, bodies), new_tokens, time.perf_counter() - start, str(device))
 
 
 def cached_generation(cache: Path | None, key: dict, make: Callable[[], Generation]) -> Generation:
