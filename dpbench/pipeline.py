@@ -32,7 +32,7 @@ from dpbench.privacy.accounting import Stage, calibrate_noise, compute_epsilon, 
 from dpbench.privacy.allocation import AllocationConfig
 from dpbench.privacy.distributed import PrivateDDPStrategy
 from dpbench.privacy.sampling import PoissonBatchSampler, ShuffleBatchSampler
-from dpbench.results.io import git_info, versions
+from dpbench.results.io import git_info, machine_info, versions
 from dpbench.results.memory import memory_record
 from dpbench.results.schema import STATUS_OK, PrivacyRecord, RunRecord
 
@@ -397,5 +397,6 @@ def make_record(cfg: DictConfig, *, metrics: dict[str, float], privacy: PrivacyR
     return RunRecord(
         status=STATUS_OK, task=cfg.task.name, model=cfg.model.name, method=cfg.method.name, seed=int(cfg.seed),
         config=OmegaConf.to_container(cfg, resolve=True), metrics=metrics, privacy=privacy, params=params,
-        timing=timing_record(results), memory=memory_record(), versions=versions(), git=git_info(), extra=extra or {},
+        timing=timing_record(results), memory=memory_record(), versions=versions(), git=git_info(),
+        machine=machine_info(), extra=extra or {},
     )

@@ -1,4 +1,4 @@
-"""Writing run records atomically, and what goes beside them (versions, git)."""
+"""Writing run records atomically, and what goes beside them (versions, git, the machine)."""
 from __future__ import annotations
 
 import json
@@ -33,6 +33,25 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what :mod:`platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """What a run's minutes were measured on: timings are only comparable where this matches."""
+    import torch
+
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def git_info() -> dict[str, Any]:

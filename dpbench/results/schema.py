@@ -42,6 +42,7 @@ class RunRecord:
     memory: dict[str, float]              # {peak_rss_mb}
     versions: dict[str, str] = field(default_factory=dict)
     git: dict[str, Any] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)  # {cpu, logical_cpus, torch_threads, cuda}: timings' context
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -22,7 +22,7 @@ def read(out: Path) -> dict:
 
 
 REQUIRED = {"status", "task", "model", "method", "seed", "config", "metrics", "privacy", "params", "timing",
-            "memory", "versions", "git"}
+            "memory", "versions", "git", "machine"}
 
 
 @pytest.mark.parametrize("method", ["nonprivate", "dp_full", "dp_bitfit", "dp_full+sgd"])
@@ -34,6 +34,7 @@ def test_method_writes_valid_results(method: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = read(out)
     assert REQUIRED <= set(r) and r["status"] == "ok" and r["method"] == method
+    assert r["machine"]["cpu"] and r["machine"]["logical_cpus"] >= 1 and r["machine"]["torch_threads"] >= 1
     assert 0.0 <= r["metrics"]["accuracy"] <= 1.0
     t = r["timing"]
     assert t["steps"] == 3 and t["train_s"] > 0 and r["memory"]["peak_rss_mb"] > 0
