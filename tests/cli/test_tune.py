@@ -119,7 +119,7 @@ def test_stopping_the_tuner_stops_every_trial_worker(sig: str, tmp_path: Path) -
     worker = f"sleep 300 & echo $! > {pidfile}; wait"  # a grandchild, as a sweep's trial worker is
     tuner = subprocess.Popen([sys.executable, "-c", "import sys; from dpbench.tuning import run_process_group; "
                               f"run_process_group(['bash', '-c', {worker!r}], sys.stdout, {{}})"], cwd=ROOT,
-                             # SIGINT at its default: an ignored SIGINT (inherited from an earlier test) is kept
+                             # SIGINT at its default: Python keeps a SIGINT it inherits as ignored
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (pidfile.exists() and pidfile.read_text().strip()):
