@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig
 
-from dpbench.data.generation import ControlledCorpus, prompt_ids
+from dpbench.data.generation import ControlledCorpus, pad_id, prompt_ids
 from dpbench.models.registry import LoadedModel
 from dpbench.results.io import read_json, write_json_atomic
 
@@ -52,31 +52,37 @@ def _body(seq: torch.Tensor, eos: int | None) -> tuple[list[int], int]:
 @torch.no_grad()
 def generate_synthetic(lm: LoadedModel, codes: list[str], g: DictConfig, seed: int) -> Generation:
     """``g.num_samples`` texts from ``lm``, each conditioned on a code drawn uniformly from ``codes``
-    (seeded: the same seed gives the same texts). Prompts sharing a code are batched (``g.batch_size``
-    rows, no padding, so every row's prompt is exactly the training prefix) and decoded with the KV
-    cache (top-k / top-p sampling)."""
+    (seeded: the same seed gives the same texts). Rows are sorted by prompt length and decoded
+    ``g.batch_size`` at a time with the KV cache (top-k / top-p sampling), whatever their codes: shorter
+    prompts are left-padded and masked, and ``generate`` numbers positions from the mask, so every row
+    is conditioned on exactly its training prefix."""
     rng = torch.Generator().manual_seed(seed)
     drawn = [codes[i] for i in torch.randint(len(codes), (int(g.num_samples),), generator=rng).tolist()]
     model, tok = lm.model, lm.tokenizer
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    prompts = {code: prompt_ids(tok, code) for code in set(drawn)}
+    order = sorted(range(len(drawn)), key=lambda i: (len(prompts[drawn[i]]), drawn[i], i))
     texts: list[str] = [""] * len(drawn)
     bodies: list[list[int]] = [[] for _ in drawn]
-    batch, new_tokens, start = int(g.get("batch_size", 16)), 0, time.perf_counter()
-    for j, code in enumerate(sorted(set(drawn))):
-        rows = [i for i, c in enumerate(drawn) if c == code]
-        prompt = torch.tensor([prompt_ids(tok, code)], device=device)
-        for k in range(0, len(rows), batch):
-            chunk = rows[k:k + batch]
-            torch.manual_seed(seed * 100_003 + j * 1_009 + k)
-            out = model.generate(prompt.expand(len(chunk), -1), attention_mask=torch.ones_like(prompt).expand(len(chunk), -1),
-                                 do_sample=True, top_k=int(g.top_k), top_p=float(g.top_p), use_cache=True,
-                                 max_new_tokens=int(g.max_new_tokens), pad_token_id=tok.pad_token_id)
-            for i, seq in zip(chunk, out[:, prompt.shape[1]:]):
-                bodies[i], spent = _body(seq, tok.eos_token_id)
-                texts[i] = tok.decode(bodies[i], skip_special_tokens=True).strip()
-                new_tokens += spent
+    batch, pad, new_tokens, start = int(g.get("batch_size", 16)), pad_id(tok), 0, time.perf_counter()
+    for k in range(0, len(order), batch):
+        chunk = order[k:k + batch]
+        width = max(len(prompts[drawn[i]]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(chunk):
+            p = prompts[drawn[i]]
+            ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
+        torch.manual_seed(seed * 100_003 + k)
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=True, top_k=int(g.top_k),
+                             top_p=float(g.top_p), use_cache=True, max_new_tokens=int(g.max_new_tokens),
+                             pad_token_id=pad)
+        for i, seq in zip(chunk, out[:, width:]):
+            bodies[i], spent = _body(seq, tok.eos_token_id)
+            texts[i] = tok.decode(bodies[i], skip_special_tokens=True).strip()
+            new_tokens += spent
     model.train(was_training)
     return Generation(ControlledCorpus(drawn, texts, bodies), new_tokens, time.perf_counter() - start, str(device))
 

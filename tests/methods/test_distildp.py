@@ -64,6 +64,23 @@ def test_generation_is_seeded_and_uses_public_codes() -> None:
     assert 6 <= ga.new_tokens <= 6 * 5 and ga.tokens_per_s > 0  # each text: 1..max_new_tokens tokens
 
 
+def test_left_padded_batches_across_codes_sample_what_each_prompt_alone_does() -> None:
+    """Codes of different prompt lengths share one left-padded batch, and with the sampling made
+    deterministic (top_k = 1) every row is exactly what its prompt decodes to unpadded, on its own."""
+    lm = _tiny_lm()
+    calls = []
+    generate_fn = lm.model.generate
+    lm.model.generate = lambda *a, **k: calls.append(k["attention_mask"]) or generate_fn(*a, **k)
+    codes = ["stars: 1", "stars: 5 | a much longer control code for this review"]
+    g = OmegaConf.create({"num_samples": 6, "max_new_tokens": 8, "top_k": 1, "top_p": 1.0, "batch_size": 8})
+    together = generate.generate_synthetic(lm, codes, g, 0).corpus
+    assert len(calls) == 1 and len(set(together.codes)) == 2 and not bool(calls[0].all())  # one padded batch
+    alone = generate.generate_synthetic(lm, codes, OmegaConf.merge(g, {"batch_size": 1}), 0).corpus
+    assert len(calls) == 7 and all(bool(m.all()) for m in calls[1:])  # one unpadded row per call
+    assert together.codes == alone.codes and together.token_ids == alone.token_ids
+    assert all(len(ids) == 8 for ids in together.token_ids)  # a real continuation, not an early EOS
+
+
 def test_training_rows_are_the_sampled_ids_not_a_retokenisation() -> None:
     """On-policy KD trains on the student's own samples: the rows are the sampled ids (up to EOS), exactly."""
     from dpbench.data.generation import LMDataset, prompt_ids
