@@ -9,7 +9,8 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from dpbench.choices import (ACCELERATORS, ACCOUNTANTS, CLIP_SPLITS, CLIPPINGS, DIVERGENCES, ENGINES, GRANULARITIES,
-                             HEAD_INITS, OPTIMIZERS, POOLINGS, PRECISIONS, PRUNE_SCOPES, SCHEDULES)
+                             GLUE_TASKS, HEAD_INITS, OPTIMIZERS, POOLINGS, PRECISIONS, PRUNE_SCOPES, REPAIR_CORPORA,
+                             SCHEDULES)
 from dpbench.errors import ConfigError
 
 
@@ -111,6 +112,8 @@ RULES: dict[str, Rule] = {
     "method.student.repair.epochs": POSITIVE, "method.student.repair.batch_size": integer(1, "32"),
     "method.student.repair.lam": UNIT, "method.student.repair.temperature": POSITIVE,
     "method.student.repair.seed": integer(0, "0"), **_optimizer("method.student.repair.optimizer"),
+    "method.student.repair.corpus": one_of(REPAIR_CORPORA), "method.student.repair.public.task": one_of(GLUE_TASKS),
+    "method.student.repair.public.max_tokens": integer(2, "200000"),
     "method.onpolicy.rounds": integer(1, "4"), "method.onpolicy.samples_per_round": integer(1, "500"),
     "method.onpolicy.epochs_per_round": POSITIVE, "method.onpolicy.divergence": one_of(DIVERGENCES),
     "method.onpolicy.beta": number("in (0, 1)", lambda x: 0 < x < 1, "0.5"),

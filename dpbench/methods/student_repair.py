@@ -2,11 +2,14 @@
 
 A student made of some of the pre-trained teacher's layers (every other one by default) is a broken
 language model until it is trained: DistilDP's DistilGPT2 was a pre-trained small model. Here the student is
-distilled from the **pre-trained** teacher on text that the pre-trained teacher generates from the task's
-public control codes: (1 − λ)·CE + λ·T²·KL(teacher ‖ student) on the generated text.
+distilled from the **pre-trained** teacher, (1 − λ)·CE + λ·T²·KL(teacher ‖ student), on public text:
+``repair.corpus=generated``, text the pre-trained teacher samples from the task's public control codes; or
+``repair.corpus=public``, the train sentences of a GLUE task read from disk (``repair.public``), packed into
+chunks (:mod:`dpbench.data.public_text`), which costs no generation time.
 
-Privacy: the repair's inputs are the public pre-trained weights, the public control-code space, its own
-seed and its settings, and nothing else. The run builds and repairs the student before its private corpus
+Privacy: the repair's inputs are the public pre-trained weights, the public control-code space or the public
+GLUE text (never the private task's own data: the run refuses ``repair.public.task`` equal to its task), its
+own seed and its settings, and nothing else. The run builds and repairs the student before its private corpus
 is opened (:class:`dpbench.methods.distildp.PrivateCorpus` raises on a read before ``open``), so the
 repaired student is a public starting point: it costs no ε and it is the same for every pipeline and every
 run seed. It is cached on disk under a hash of exactly those inputs (:func:`repair_key`); tests check that
@@ -27,8 +30,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpbench.data.generation import ControlledCorpus
+from dpbench.data.generation import ControlledCorpus, prompt_ids
 from dpbench.data.perplexity import perplexity
+from dpbench.data.public_text import corpus_digest, glue_texts, packed_corpus
+from dpbench.errors import ConfigError
 from dpbench.methods.generate import derive_seed, generate_synthetic
 from dpbench.methods.language_model import LMDistillModule, train_lm
 from dpbench.models.registry import LoadedModel
@@ -36,17 +41,22 @@ from dpbench.pipeline import plan_privacy
 from dpbench.results.io import read_json, versions, write_json_atomic
 
 WEIGHTS, INFO, EVAL = "student.pt", "info.json", "eval.json"
-REPAIR_VERSION = 2  # bump when the repair's code changes what it computes (loss, generation, prompt format)
+REPAIR_VERSION = 3  # bump when the repair's code changes what it computes (loss, generation, prompt format)
 _NOT_IN_KEY = ("cache_dir", "enabled")  # where it is kept and whether it runs change nothing it computes
 
 
-def repair_key(cfg: DictConfig, codes: list[str]) -> str:
+def repair_key(cfg: DictConfig, codes: list[str], public_digest: str | None = None) -> str:
     """A hash of everything the repaired student depends on: the teacher's model config, the student's
-    layers and trainable set, the repair settings (generation, optimizer, steps, seed), the public codes,
-    the sequence length, micro-batching, precision and devices, the code version and the library versions;
-    nothing from the task's data."""
+    layers and trainable set, the repair settings (generation or the public text's digest, optimizer,
+    steps, seed), the public codes, the sequence length, micro-batching, precision and devices, the code
+    version and the library versions; nothing from the task's data, and not the folder the public text
+    was read from (its token ids are in ``public_digest``)."""
     repair = {k: v for k, v in OmegaConf.to_container(cfg.method.student.repair, resolve=True).items()
               if k not in _NOT_IN_KEY}
+    unused = "generation" if repair.get("corpus") == "public" else "public"
+    repair.pop(unused, None)
+    if "public" in repair:
+        repair["public"] = {**{k: v for k, v in repair["public"].items() if k != "data_dir"}, "digest": public_digest}
     p, t = cfg.privacy, cfg.trainer
     lib = versions()
     parts = {"version": REPAIR_VERSION, "libraries": {k: lib.get(k) for k in ("torch", "transformers")},
@@ -57,6 +67,18 @@ def repair_key(cfg: DictConfig, codes: list[str]) -> str:
              "micro_batching": [int(p.physical_batch_size), p.get("physical_batch_tokens"), p.get("group_by_length")],
              "precision": str(t.get("precision", "32-true")), "devices": t.get("devices", 1)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _public_corpus(cfg: DictConfig, teacher: LoadedModel) -> ControlledCorpus:
+    """``repair.public.task``'s train sentences, packed into chunks that fill ``task.max_length`` after the
+    empty code's prefix; never the private task itself."""
+    p = cfg.method.student.repair.public
+    if str(p.task) == str(cfg.task.name):
+        raise ConfigError(f"method.student.repair.public.task is the private task '{cfg.task.name}'; the repair "
+                          "must read public text only: set it to another task, e.g. repair.public.task=mnli")
+    chunk = int(cfg.task.max_length) - len(prompt_ids(teacher.tokenizer, ""))
+    return packed_corpus(glue_texts(str(p.task), p.get("data_dir")), teacher.tokenizer, chunk,
+                         int(p.max_tokens), int(cfg.method.student.repair.seed))
 
 
 def _train(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, corpus: ControlledCorpus,
@@ -89,16 +111,25 @@ def repair_student(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, 
     yet) and the public ``codes``; returns the record's ``student_init.repair`` (with ``cached``). Loads
     the repaired weights from ``method.student.repair.cache_dir`` when they were made under the same key."""
     r = cfg.method.student.repair
-    key = repair_key(cfg, codes)
+    public = _public_corpus(cfg, teacher) if r.get("corpus", "generated") == "public" else None
+    key = repair_key(cfg, codes, None if public is None else corpus_digest(public))
     folder = Path(r.cache_dir) / key if r.get("cache_dir") else None
     if folder is not None and (folder / WEIGHTS).exists() and (folder / INFO).exists():
         info = read_json(folder / INFO)
         student.model.load_state_dict(torch.load(folder / WEIGHTS, weights_only=True))
         return {**info, "cached": True, "cache": str(folder)}
-    gen = generate_synthetic(teacher, codes, r.generation, derive_seed(int(r.seed), "repair"))
-    info = {"key": key, "from": "the pre-trained teacher (public), on text it generated from the public codes",
-            "corpus": gen.record(), "lam": float(r.lam), "temperature": float(r.temperature),
-            **_train(cfg, teacher, student, gen.corpus, out_dir)}
+    if public is None:
+        gen = generate_synthetic(teacher, codes, r.generation, derive_seed(int(r.seed), "repair"))
+        corpus, source = gen.corpus, {"from": "the pre-trained teacher (public), on text it generated from the "
+                                              "public codes", "corpus": gen.record()}
+    else:
+        corpus, source = public, {
+            "from": f"the pre-trained teacher (public), on {r.public.task}'s train sentences from disk (public text, "
+                    "not the private task's)",
+            "corpus": {"source": "public", "task": str(r.public.task), "chunks": len(public),
+                       "tokens": sum(len(c) for c in public.token_ids or []), "digest": corpus_digest(public)}}
+    info = {"key": key, **source, "lam": float(r.lam), "temperature": float(r.temperature),
+            **_train(cfg, teacher, student, corpus, out_dir)}
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{WEIGHTS}.{os.getpid()}"

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from conftest import tiny_model
 from dpbench.data.generation import LMCollator, make_synthetic_corpus, public_codes
-from dpbench.errors import PrivacyError
+from dpbench.errors import ConfigError, PrivacyError
 from dpbench.methods import distildp, generate, student_repair
 from dpbench.choices import DIVERGENCES
 from dpbench.methods.language_model import distillation_loss, token_divergence, token_nll
@@ -180,6 +180,43 @@ def test_repaired_student_depends_on_public_inputs_only(monkeypatch, tmp_path) -
                          tmp_path / "other")
     assert other.extra["student_init"]["repair"]["cached"] is False
     assert other.extra["student_init"]["repair"]["key"] != inits[0]["key"]
+
+
+def _sst2_folder(path, words: str):
+    path.mkdir(parents=True)
+    rows = "".join(f"the {words} film number {i} was a fine and memorable evening out\t{i % 2}\n" for i in range(40))
+    (path / "train.tsv").write_text("sentence\tlabel\n" + rows)
+    return path
+
+
+def test_public_text_repair_is_keyed_by_the_text_not_its_folder(tmp_path) -> None:
+    """repair.corpus=public reads a GLUE task's train sentences from disk: the same text in two folders
+    gives one cached student; other text gives another; the record names the public source."""
+    same = [_sst2_folder(tmp_path / d, "quiet") for d in ("a", "b")]
+    other = _sst2_folder(tmp_path / "c", "loud")
+    cache = tmp_path / "cache"
+
+    def repair(folder):
+        cfg = _smoke("method.student.repair.corpus=public", "method.student.repair.public.task=sst2",
+                     f"method.student.repair.public.data_dir={folder}", "method.student.repair.public.max_tokens=400",
+                     f"method.student.repair.cache_dir={cache}")
+        teacher = distildp.load_causal_lm(cfg.model)
+        student = distildp.build_student(teacher, cfg.method.student)
+        return student_repair.repair_student(cfg, teacher, student, public_codes("synthetic_lm"), tmp_path / "out")
+
+    first, second, third = repair(same[0]), repair(same[1]), repair(other)
+    assert first["cached"] is False and second["cached"] is True and first["key"] == second["key"]
+    assert third["cached"] is False and third["key"] != first["key"]
+    assert first["corpus"]["source"] == "public" and first["corpus"]["task"] == "sst2" and "sst2" in first["from"]
+    assert first["corpus"]["tokens"] == first["corpus"]["chunks"] * 47 <= 400  # max_length 48 − the empty code's 1 id
+    assert first["steps"] == 1  # 8 chunks, batch 16, 1 epoch
+
+
+def test_public_text_repair_refuses_the_private_task() -> None:
+    cfg = _smoke("method.student.repair.corpus=public", "method.student.repair.public.task=sst2", "task.name=sst2")
+    teacher = distildp.load_causal_lm(cfg.model)
+    with pytest.raises(ConfigError, match="is the private task"):
+        student_repair._public_corpus(cfg, teacher)
 
 
 def test_repair_moves_the_student_toward_the_teacher_and_leaves_the_teacher_as_it_was(tmp_path) -> None:
