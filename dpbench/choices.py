@@ -13,6 +13,7 @@ DIVERGENCES = ("forward", "reverse", "jsd")         # dpbench.methods.language_m
 PRUNE_SCOPES = ("global", "layer")                # dpbench.compression.sparsity
 CLIPPINGS = ("flat", "automatic")                 # dpbench.privacy.clipping
 REPAIR_CORPORA = ("generated", "public")          # dpbench.methods.student_repair: what the student is repaired on
+STUDENT_SELECTIONS = ("every_other", "block_influence")  # dpbench.methods.distildp.choose_layers
 GLUE_TASKS = ("sst2", "cola", "mrpc", "rte", "qnli", "mnli", "qqp")  # dpbench.data.glue.FORMATS
 ACCOUNTANTS = ("prv",)
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")     # Lightning's names

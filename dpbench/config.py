@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpbench.choices import (ACCELERATORS, ACCOUNTANTS, CLIP_SPLITS, CLIPPINGS, DIVERGENCES, ENGINES, GRANULARITIES,
                              GLUE_TASKS, HEAD_INITS, OPTIMIZERS, POOLINGS, PRECISIONS, PRUNE_SCOPES, REPAIR_CORPORA,
-                             SCHEDULES)
+                             SCHEDULES, STUDENT_SELECTIONS)
 from dpbench.errors import ConfigError
 
 
@@ -114,6 +114,7 @@ RULES: dict[str, Rule] = {
     "method.student.repair.seed": integer(0, "0"), **_optimizer("method.student.repair.optimizer"),
     "method.student.repair.corpus": one_of(REPAIR_CORPORA), "method.student.repair.public.task": one_of(GLUE_TASKS),
     "method.student.repair.public.max_tokens": integer(2, "200000"),
+    "method.student.select": one_of(STUDENT_SELECTIONS), "method.student.num_layers": integer(1, "15", nullable=True),
     "method.onpolicy.rounds": integer(1, "4"), "method.onpolicy.samples_per_round": integer(1, "500"),
     "method.onpolicy.epochs_per_round": POSITIVE, "method.onpolicy.divergence": one_of(DIVERGENCES),
     "method.onpolicy.beta": number("in (0, 1)", lambda x: 0 < x < 1, "0.5"),

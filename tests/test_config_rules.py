@@ -20,7 +20,8 @@ NOT_RULED = {"privacy.epsilon", "privacy.delta", "privacy.noise_multiplier", "pr
              "method.step_fractions", "method.compression.step_fractions", "method.student.layers",
              "model.name", "model.family", "model.pretrained", "model.tokenizer", "model.tokenizer_kind",
              "model.gguf_file", "model.config", "task.name", "task.kind", "task.data_dir", "task.codes",
-             "task.train_file", "task.eval_file", "method.student.repair.cache_dir"}
+             "task.train_file", "task.eval_file", "method.student.repair.cache_dir",
+             "method.student.repair.public.data_dir"}
 
 
 def _configs() -> list:

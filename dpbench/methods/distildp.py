@@ -27,26 +27,30 @@ stage's ε. Guard: the private corpus can be read only between ``open`` (after t
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpbench.compression.structured import copy_with_layers, transformer_layers
+from dpbench.compression.layer_influence import block_influence, most_influential
+from dpbench.compression.structured import copy_with_layers, every_other_layer, transformer_layers
 from dpbench.data.generation import ControlledCorpus, load_yelp, make_synthetic_corpus, public_codes
 from dpbench.data.perplexity import perplexity
 from dpbench.errors import ConfigError, DataError, PrivacyError
 from dpbench.methods.finetune import select_trainable
 from dpbench.methods.generate import Generation, cached_generation, derive_seed, generate_synthetic
 from dpbench.methods.language_model import LMDistillModule, train_lm
-from dpbench.methods.student_repair import before_private, repair_student
+from dpbench.methods.student_repair import before_private, public_corpus, repair_student
 from dpbench.models.registry import LoadedModel, load_causal_lm
 from dpbench.pipeline import StageResult, make_record, plan_privacy, plan_stages, privacy_record
 from dpbench.results.schema import RunRecord
 
 PIPELINES = ("distildp", "onpolicy", "dp_student", "dpkd")
+CALIBRATION_CHUNKS = 8  # public repair-text chunks that Block Influence is measured on (8 × 128 tokens here)
 
 
 class PrivateCorpus:
@@ -94,9 +98,27 @@ def load_generation_task(task: DictConfig, seed: int) -> tuple[ControlledCorpus,
     return train, held_out, public_codes(task.codes)
 
 
-def build_student(teacher: LoadedModel, s: DictConfig) -> LoadedModel:
-    """A copy of ``teacher`` keeping ``s.layers`` (null → every other layer): same tokenizer and width."""
-    return replace(teacher, model=copy_with_layers(teacher.model, s.get("layers")))
+def choose_layers(cfg: DictConfig, teacher: LoadedModel) -> dict:
+    """The teacher layers the student keeps, and how they were chosen: ``student.layers`` when given; else
+    every other layer, or (``select=block_influence``) the ``student.num_layers`` (null: half) layers of
+    highest Block Influence on the first chunks of the public repair text. Reads public inputs only."""
+    s = cfg.method.student
+    n = len(transformer_layers(teacher.model)[2])
+    if s.get("layers") is not None:
+        return {"layers": [int(i) for i in s.layers], "select": "given"}
+    if s.get("select", "every_other") == "every_other":
+        return {"layers": every_other_layer(n), "select": "every_other"}
+    chunks = public_corpus(cfg, teacher).token_ids[:CALIBRATION_CHUNKS]
+    influence = block_influence(teacher.model, torch.tensor(chunks))
+    return {"layers": most_influential(influence, int(s.get("num_layers") or math.ceil(n / 2))),
+            "select": "block_influence", "block_influence": [round(b, 4) for b in influence],
+            "calibration_tokens": sum(len(c) for c in chunks)}
+
+
+def build_student(teacher: LoadedModel, s: DictConfig, layers: list[int] | None = None) -> LoadedModel:
+    """A copy of ``teacher`` keeping ``layers`` (None → ``s.layers``, null → every other layer): same
+    tokenizer and width."""
+    return replace(teacher, model=copy_with_layers(teacher.model, layers if layers is not None else s.get("layers")))
 
 
 def onpolicy_distill(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, codes: list[str], out_dir: Path,
@@ -138,13 +160,14 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     select_trainable(teacher.model, m.trainable)
     if m.get("freeze_embeddings", False):  # (tied: the LM head too) public weights, no per-sample V×d gradients
         teacher.model.get_input_embeddings().weight.requires_grad_(False)
-    student = build_student(teacher, m.student)  # from the pre-trained (public) teacher
+    chosen = choose_layers(cfg, teacher)
+    student = build_student(teacher, m.student, chosen["layers"])  # from the pre-trained (public) teacher
     ppl = dict(window=int(m.eval.window), stride=int(m.eval.stride))
     repair = m.student.get("repair")
-    init = {"from": "pre-trained teacher layers (public)", "layers": len(transformer_layers(student.model)[2]),
-            "repair": None}
+    init = {"from": "pre-trained teacher layers (public)", "layers": len(chosen["layers"]),
+            "kept_layers": chosen["layers"], **{k: v for k, v in chosen.items() if k != "layers"}, "repair": None}
     if repair is not None and repair.get("enabled", False):
-        init["repair"] = repair_student(cfg, teacher, student, codes, out_dir)
+        init["repair"] = repair_student(cfg, teacher, student, codes, out_dir, layers=chosen["layers"])
     metrics = before_private(teacher, student, held_out, ppl["window"], ppl["stride"],
                              init["repair"]["cache"] if init["repair"] else None) \
         if m.eval.get("before_private", True) else {}

@@ -45,7 +45,8 @@ REPAIR_VERSION = 3  # bump when the repair's code changes what it computes (loss
 _NOT_IN_KEY = ("cache_dir", "enabled")  # where it is kept and whether it runs change nothing it computes
 
 
-def repair_key(cfg: DictConfig, codes: list[str], public_digest: str | None = None) -> str:
+def repair_key(cfg: DictConfig, codes: list[str], public_digest: str | None = None,
+               layers: list[int] | None = None) -> str:
     """A hash of everything the repaired student depends on: the teacher's model config, the student's
     layers and trainable set, the repair settings (generation or the public text's digest, optimizer,
     steps, seed), the public codes, the sequence length, micro-batching, precision and devices, the code
@@ -61,7 +62,8 @@ def repair_key(cfg: DictConfig, codes: list[str], public_digest: str | None = No
     lib = versions()
     parts = {"version": REPAIR_VERSION, "libraries": {k: lib.get(k) for k in ("torch", "transformers")},
              "model": OmegaConf.to_container(cfg.model, resolve=True),
-             "layers": OmegaConf.to_container(cfg.method.student, resolve=True).get("layers"),
+             "layers": layers if layers is not None else
+             OmegaConf.to_container(cfg.method.student, resolve=True).get("layers"),
              "trainable": cfg.method.trainable, "freeze_embeddings": bool(cfg.method.get("freeze_embeddings", False)),
              "repair": repair, "codes": list(codes), "max_length": int(cfg.task.max_length),
              "micro_batching": [int(p.physical_batch_size), p.get("physical_batch_tokens"), p.get("group_by_length")],
@@ -69,7 +71,7 @@ def repair_key(cfg: DictConfig, codes: list[str], public_digest: str | None = No
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _public_corpus(cfg: DictConfig, teacher: LoadedModel) -> ControlledCorpus:
+def public_corpus(cfg: DictConfig, teacher: LoadedModel) -> ControlledCorpus:
     """``repair.public.task``'s train sentences, packed into chunks that fill ``task.max_length`` after the
     empty code's prefix; never the private task itself."""
     p = cfg.method.student.repair.public
@@ -106,13 +108,14 @@ def _train(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, corpus: 
 
 
 def repair_student(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, codes: list[str],
-                   out_dir: Path) -> dict[str, Any]:
+                   out_dir: Path, layers: list[int] | None = None) -> dict[str, Any]:
     """Repair ``student`` in place from the pre-trained ``teacher`` (which must not have seen private data
-    yet) and the public ``codes``; returns the record's ``student_init.repair`` (with ``cached``). Loads
+    yet) and the public ``codes``; ``layers``: the teacher layers it kept (for the cache key; None → the
+    config's). Returns the record's ``student_init.repair`` (with ``cached``). Loads
     the repaired weights from ``method.student.repair.cache_dir`` when they were made under the same key."""
     r = cfg.method.student.repair
-    public = _public_corpus(cfg, teacher) if r.get("corpus", "generated") == "public" else None
-    key = repair_key(cfg, codes, None if public is None else corpus_digest(public))
+    public = public_corpus(cfg, teacher) if r.get("corpus", "generated") == "public" else None
+    key = repair_key(cfg, codes, None if public is None else corpus_digest(public), layers)
     folder = Path(r.cache_dir) / key if r.get("cache_dir") else None
     if folder is not None and (folder / WEIGHTS).exists() and (folder / INFO).exists():
         info = read_json(folder / INFO)

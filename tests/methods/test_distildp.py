@@ -159,8 +159,8 @@ def test_repaired_student_depends_on_public_inputs_only(monkeypatch, tmp_path) -
     cache, the second loads the first's; a different repair setting makes another."""
     repaired: list[dict] = []
 
-    def recording(cfg, teacher, student, codes, out_dir):
-        info = student_repair.repair_student(cfg, teacher, student, codes, out_dir)
+    def recording(cfg, teacher, student, codes, out_dir, layers=None):
+        info = student_repair.repair_student(cfg, teacher, student, codes, out_dir, layers)
         repaired.append({k: v.clone() for k, v in student.model.state_dict().items()})
         return info
 
@@ -212,11 +212,28 @@ def test_public_text_repair_is_keyed_by_the_text_not_its_folder(tmp_path) -> Non
     assert first["steps"] == 1  # 8 chunks, batch 16, 1 epoch
 
 
+def test_block_influence_student_keeps_the_chosen_layers_and_keys_its_repair_by_them(tmp_path) -> None:
+    """select=block_influence keeps num_layers teacher layers measured on the public text; the record
+    lists them with their influence, and the repaired student is cached apart from every-other's."""
+    folder = _sst2_folder(tmp_path / "public", "quiet")
+    common = ("method.student.repair.corpus=public", "method.student.repair.public.task=sst2",
+              f"method.student.repair.public.data_dir={folder}", "method.student.repair.public.max_tokens=400",
+              f"method.student.repair.cache_dir={tmp_path / 'cache'}", "method=distildp_synthetic_only")
+    runs = {sel: distildp.run(_smoke(*common, f"method.student.select={sel}", "method.student.num_layers=3"),
+                              tmp_path / sel) for sel in ("block_influence", "every_other")}
+    bi, eo = (runs[k].extra["student_init"] for k in ("block_influence", "every_other"))
+    assert bi["select"] == "block_influence" and len(bi["block_influence"]) == 4
+    ranked = sorted(range(4), key=lambda i: -bi["block_influence"][i])
+    assert bi["layers"] == 3 and bi["kept_layers"] == sorted(ranked[:3])
+    assert eo["select"] == "every_other" and eo["kept_layers"] == [0, 2]  # num_layers is block_influence's
+    assert bi["repair"]["key"] != eo["repair"]["key"]
+
+
 def test_public_text_repair_refuses_the_private_task() -> None:
     cfg = _smoke("method.student.repair.corpus=public", "method.student.repair.public.task=sst2", "task.name=sst2")
     teacher = distildp.load_causal_lm(cfg.model)
     with pytest.raises(ConfigError, match="is the private task"):
-        student_repair._public_corpus(cfg, teacher)
+        student_repair.public_corpus(cfg, teacher)
 
 
 def test_repair_moves_the_student_toward_the_teacher_and_leaves_the_teacher_as_it_was(tmp_path) -> None:
