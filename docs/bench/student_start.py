@@ -51,7 +51,7 @@ runs = [("given", f"method.student.layers={a.layers}")] if a.layers else [(s, f"
 for name, override in runs:
     c = compose_config(base + [override])
     chosen = distildp.choose_layers(c, teacher)
-    student = distildp.build_student(teacher, c.method.student, chosen["layers"])
+    student = distildp.build_student(teacher, chosen["layers"])
     print(f"{name}: layers {chosen['layers']}", flush=True)
     print(f"  before repair: {ppl(student.model)}", flush=True)
     if a.repair_tokens and (a.repair is None or name in a.repair):

@@ -115,10 +115,9 @@ def choose_layers(cfg: DictConfig, teacher: LoadedModel) -> dict:
             "calibration_tokens": sum(len(c) for c in chunks)}
 
 
-def build_student(teacher: LoadedModel, s: DictConfig, layers: list[int] | None = None) -> LoadedModel:
-    """A copy of ``teacher`` keeping ``layers`` (None → ``s.layers``, null → every other layer): same
-    tokenizer and width."""
-    return replace(teacher, model=copy_with_layers(teacher.model, layers if layers is not None else s.get("layers")))
+def build_student(teacher: LoadedModel, layers: list[int]) -> LoadedModel:
+    """A copy of ``teacher`` keeping ``layers`` (from :func:`choose_layers`): same tokenizer and width."""
+    return replace(teacher, model=copy_with_layers(teacher.model, layers))
 
 
 def onpolicy_distill(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, codes: list[str], out_dir: Path,
@@ -161,7 +160,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     if m.get("freeze_embeddings", False):  # (tied: the LM head too) public weights, no per-sample V×d gradients
         teacher.model.get_input_embeddings().weight.requires_grad_(False)
     chosen = choose_layers(cfg, teacher)
-    student = build_student(teacher, m.student, chosen["layers"])  # from the pre-trained (public) teacher
+    student = build_student(teacher, chosen["layers"])  # from the pre-trained (public) teacher
     ppl = dict(window=int(m.eval.window), stride=int(m.eval.stride))
     repair = m.student.get("repair")
     init = {"from": "pre-trained teacher layers (public)", "layers": len(chosen["layers"]),

@@ -201,7 +201,7 @@ def test_public_text_repair_is_keyed_by_the_text_not_its_folder(tmp_path) -> Non
                      f"method.student.repair.public.data_dir={folder}", "method.student.repair.public.max_tokens=400",
                      f"method.student.repair.cache_dir={cache}")
         teacher = distildp.load_causal_lm(cfg.model)
-        student = distildp.build_student(teacher, cfg.method.student)
+        student = distildp.build_student(teacher, distildp.choose_layers(cfg, teacher)["layers"])
         return student_repair.repair_student(cfg, teacher, student, public_codes("synthetic_lm"), tmp_path / "out")
 
     first, second, third = repair(same[0]), repair(same[1]), repair(other)
@@ -244,7 +244,7 @@ def test_repair_moves_the_student_toward_the_teacher_and_leaves_the_teacher_as_i
     teacher.model.get_input_embeddings().weight.requires_grad_(False)
     flags = {n: p.requires_grad for n, p in teacher.model.named_parameters()}
     mode = teacher.model.training
-    student = distildp.build_student(teacher, cfg.method.student)
+    student = distildp.build_student(teacher, distildp.choose_layers(cfg, teacher)["layers"])
     public = make_synthetic_corpus(16, seed=5)
     batch = LMCollator(teacher.tokenizer, 48)(list(zip(public.codes, public.texts)))
 
