@@ -36,12 +36,10 @@ def packed_corpus(texts: list[str], tokenizer: PreTrainedTokenizerBase, chunk_to
     order = list(texts)
     random.Random(seed).shuffle(order)
     ids: list[int] = []
-    taken = []
-    for text in order:  # tokenise only as much as the budget needs
+    for i, text in enumerate(order):  # tokenise only as much as the budget needs
         if len(ids) >= max_tokens:
             break
-        ids.extend(tokenizer((TEXT_JOINER if taken else "") + text, add_special_tokens=False)["input_ids"])
-        taken.append(text)
+        ids.extend(tokenizer((TEXT_JOINER if i else "") + text, add_special_tokens=False)["input_ids"])
     n = min(len(ids), max_tokens) // chunk_tokens
     if n == 0:
         raise DataError(f"the public text gives {len(ids)} tokens, fewer than one chunk of {chunk_tokens}; "

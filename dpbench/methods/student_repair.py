@@ -108,14 +108,20 @@ def _train(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, corpus: 
 
 
 def repair_student(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, codes: list[str],
-                   out_dir: Path, layers: list[int] | None = None) -> dict[str, Any]:
+                   out_dir: Path, layers: list[int] | None = None,
+                   public: ControlledCorpus | None = None) -> dict[str, Any]:
     """Repair ``student`` in place from the pre-trained ``teacher`` (which must not have seen private data
     yet) and the public ``codes``; ``layers``: the teacher layers it kept (for the cache key; None → the
-    config's). Returns the record's ``student_init.repair`` (with ``cached``). Loads
+    config's); ``public``: :func:`public_corpus` when the caller already read it (``repair.corpus=public``).
+    Returns the record's ``student_init.repair`` (with ``cached``). Loads
     the repaired weights from ``method.student.repair.cache_dir`` when they were made under the same key."""
     r = cfg.method.student.repair
-    public = public_corpus(cfg, teacher) if r.get("corpus", "generated") == "public" else None
-    key = repair_key(cfg, codes, None if public is None else corpus_digest(public), layers)
+    if r.get("corpus", "generated") != "public":
+        public = None
+    elif public is None:
+        public = public_corpus(cfg, teacher)
+    digest = None if public is None else corpus_digest(public)
+    key = repair_key(cfg, codes, digest, layers)
     folder = Path(r.cache_dir) / key if r.get("cache_dir") else None
     if folder is not None and (folder / WEIGHTS).exists() and (folder / INFO).exists():
         info = read_json(folder / INFO)
@@ -130,7 +136,7 @@ def repair_student(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, 
             "from": f"the pre-trained teacher (public), on {r.public.task}'s train sentences from disk (public text, "
                     "not the private task's)",
             "corpus": {"source": "public", "task": str(r.public.task), "chunks": len(public),
-                       "tokens": sum(len(c) for c in public.token_ids or []), "digest": corpus_digest(public)}}
+                       "tokens": sum(len(c) for c in public.token_ids or []), "digest": digest}}
     info = {"key": key, **source, "lam": float(r.lam), "temperature": float(r.temperature),
             **_train(cfg, teacher, student, corpus, out_dir)}
     if folder is not None:

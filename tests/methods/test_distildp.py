@@ -159,8 +159,8 @@ def test_repaired_student_depends_on_public_inputs_only(monkeypatch, tmp_path) -
     cache, the second loads the first's; a different repair setting makes another."""
     repaired: list[dict] = []
 
-    def recording(cfg, teacher, student, codes, out_dir, layers=None):
-        info = student_repair.repair_student(cfg, teacher, student, codes, out_dir, layers)
+    def recording(cfg, teacher, student, codes, out_dir, **kw):
+        info = student_repair.repair_student(cfg, teacher, student, codes, out_dir, **kw)
         repaired.append({k: v.clone() for k, v in student.model.state_dict().items()})
         return info
 
