@@ -17,7 +17,7 @@ from dpbench.errors import PrivacyError
 from dpbench.methods.finetune import select_trainable
 from dpbench.privacy.engine import make_engine
 from dpbench.privacy.engine.base import clip_factors
-from dpbench.privacy.engine.rules.linear import instantiates
+from dpbench.privacy.engine.rules.linear import instantiates, masked_weight_norms_sq
 from dpbench.privacy.sampling import microbatch_slices
 
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]  # (callable model, batch) → per-sample losses
@@ -162,6 +162,15 @@ def test_pruned_weights_match_naive_loop_and_get_no_noise(family: str) -> None:
         assert torch.all(released[module.weight_mask == 0] == 0)
         assert torch.all(released[module.weight_mask == 1] != 0)
     engine.close()
+
+
+@pytest.mark.parametrize("max_elems", [1, 2 * 6 * 5, 10**6])  # one sample per chunk, uneven chunks, one chunk
+def test_masked_norms_match_per_sample_loop_for_any_chunking(max_elems: int) -> None:
+    """‖(GᵢᵀAᵢ) ⊙ M‖² per sample does not depend on how many samples are instantiated at once."""
+    g = torch.Generator().manual_seed(0)
+    a, grad, mask = torch.randn(7, 3, 5, generator=g), torch.randn(7, 3, 6, generator=g), torch.rand(6, 5, generator=g) > 0.5
+    naive = torch.stack([((grad[i].T @ a[i]) * mask).pow(2).sum() for i in range(7)])
+    torch.testing.assert_close(masked_weight_norms_sq(a, grad, mask, max_elems), naive)
 
 
 class _Stack(torch.nn.Module):

@@ -52,8 +52,15 @@ def weight_norms_sq(a: Tensor, g: Tensor, memo: dict | None = None) -> Tensor:
     return (aat * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
 
 
-def masked_weight_norms_sq(a: Tensor, g: Tensor, mask: Tensor, max_elems: int = 1 << 25) -> Tensor:
-    """‖(Gᵢᵀ Aᵢ) ⊙ M‖²_F per sample for a (p, d) mask M, instantiating at most ``max_elems`` values at once."""
+MASKED_CHUNK_ELEMS = 1 << 22  # 16 MB of float32: a chunk stays in a 32 MB L3 while it is squared, masked, summed
+
+
+def masked_weight_norms_sq(a: Tensor, g: Tensor, mask: Tensor, max_elems: int = MASKED_CHUNK_ELEMS) -> Tensor:
+    """‖(Gᵢᵀ Aᵢ) ⊙ M‖²_F per sample for a (p, d) mask M, instantiating at most ``max_elems`` values at once.
+
+    The product is memory-bound (B·p·d values for ~T·p·d flops), so chunks small enough to stay in cache
+    matter: on MiniLM (50% masks, B=128, T=24) a DP step took 1.79× the dense DP step with 2²² values
+    per chunk against 2.61× with 2²⁵ (docs/compression.md)."""
     p, d = mask.shape
     m = mask.to(a.dtype)
     per = max(1, max_elems // (p * d))
