@@ -149,6 +149,12 @@ class StopAtBatchEnd(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         self._check(trainer, module)
 
+    def on_validation_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        """A signal during a validation pass stops here, before Lightning's own SIGTERM check would end the
+        process with exit code 0 (its ``SIGTERMException`` is a bare ``SystemExit``)."""
+        if State.deferring:
+            self._check(trainer, module)
+
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         State.deferring = False
         self._check(trainer, module)
