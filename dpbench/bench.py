@@ -46,9 +46,12 @@ class Setup:
     labels: object
 
 
-def build(model_key: str, config: str, seq_len: int, batch: int) -> Setup:
+def build(model_key: str, config: str, seq_len: int, batch: int, sparsity: float = 0.0) -> Setup:
+    """One configuration's engine, optimizer and random inputs; ``sparsity`` > 0 first prunes the model's
+    Linear weights by global magnitude, as the compression methods do (masked ``weight_orig``)."""
     import torch
 
+    from dpbench.compression.sparsity import magnitude_prune
     from dpbench.methods.finetune import select_trainable
     from dpbench.models.registry import load_model
     from dpbench.privacy.engine import make_engine
@@ -56,6 +59,8 @@ def build(model_key: str, config: str, seq_len: int, batch: int) -> Setup:
 
     trainable, engine_name, _ = CONFIGS[config]
     lm = load_model(MODELS[model_key], 2)
+    if sparsity:
+        magnitude_prune(lm.model, sparsity)
     select_trainable(lm.model, trainable)
     lm.model.train()
     private = engine_name != "none"

@@ -55,15 +55,16 @@ def weight_norms_sq(a: Tensor, g: Tensor, memo: dict | None = None) -> Tensor:
 MASKED_CHUNK_ELEMS = 1 << 22  # 16 MB of float32: a chunk stays in a 32 MB L3 while it is squared, masked, summed
 
 
-def masked_weight_norms_sq(a: Tensor, g: Tensor, mask: Tensor, max_elems: int = MASKED_CHUNK_ELEMS) -> Tensor:
-    """‖(Gᵢᵀ Aᵢ) ⊙ M‖²_F per sample for a (p, d) mask M, instantiating at most ``max_elems`` values at once.
+def masked_weight_norms_sq(a: Tensor, g: Tensor, mask: Tensor, max_elems: int | None = None) -> Tensor:
+    """‖(Gᵢᵀ Aᵢ) ⊙ M‖²_F per sample for a (p, d) mask M, instantiating at most ``max_elems`` values at once
+    (default: the module's ``MASKED_CHUNK_ELEMS``, read at call time).
 
     The product is memory-bound (B·p·d values for ~T·p·d flops), so chunks small enough to stay in cache
     matter: on MiniLM (50% masks, B=128, T=24) a DP step took 1.79× the dense DP step with 2²² values
     per chunk against 2.61× with 2²⁵ (docs/compression.md)."""
     p, d = mask.shape
     m = mask.to(a.dtype)
-    per = max(1, max_elems // (p * d))
+    per = max(1, (MASKED_CHUNK_ELEMS if max_elems is None else max_elems) // (p * d))
     return torch.cat([(torch.bmm(g[i:i + per].transpose(1, 2), a[i:i + per]).pow_(2) * m).sum((1, 2))
                       for i in range(0, a.shape[0], per)])
 
