@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dpbench.errors import PrivacyError
 from dpbench.stopping import RunStopped, State
@@ -149,18 +150,23 @@ class StopAtBatchEnd(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         self._check(trainer, module)
 
-    def on_validation_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
-        """A signal during a validation pass stops here, before Lightning's own SIGTERM check would end the
-        process with exit code 0 (its ``SIGTERMException`` is a bare ``SystemExit``)."""
-        if State.deferring:
-            self._check(trainer, module)
-
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         State.deferring = False
         self._check(trainer, module)
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         State.deferring = False
+
+    def fit(self, trainer: L.Trainer, module: L.LightningModule, data: L.LightningDataModule) -> None:
+        """``trainer.fit`` with this callback's stop. Lightning checks the signal itself between hooks (after
+        ``on_train_batch_end``, at the epoch's end) and raises ``SIGTERMException``, a bare ``SystemExit``
+        that would end the command with exit 0 and no checkpoint; that stop is taken here as ours."""
+        try:
+            trainer.fit(module, datamodule=data)
+        except SIGTERMException:
+            State.requested = State.requested or signal.SIGTERM
+            self._check(trainer, module)
+            raise
 
     def _check(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         signum = State.requested

@@ -337,7 +337,7 @@ def run_stage(cfg: DictConfig, module: DPModule, data: L.LightningDataModule, pl
         steps = ckpt.steps_done
         ckpt.restore_finished(module)
     else:
-        trainer.fit(module, datamodule=data)
+        stop.fit(trainer, module, data)
         steps = module.steps_taken
     train_s = time.perf_counter() - start + (ckpt.train_s_before if ckpt else 0.0)
     trainer.limit_val_batches = 1.0
