@@ -29,7 +29,8 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import replace
-from functools import partial
+from functools import cache, partial
+from typing import Callable
 from pathlib import Path
 
 import lightning as L
@@ -98,10 +99,11 @@ def load_generation_task(task: DictConfig, seed: int) -> tuple[ControlledCorpus,
     return train, held_out, public_codes(task.codes)
 
 
-def choose_layers(cfg: DictConfig, teacher: LoadedModel, public: ControlledCorpus | None = None) -> dict:
+def choose_layers(cfg: DictConfig, teacher: LoadedModel,
+                  load_public: Callable[[], ControlledCorpus] | None = None) -> dict:
     """The teacher layers the student keeps, and how they were chosen: ``student.layers`` when given; else
     every other layer, or (``select=block_influence``) the ``student.num_layers`` (null: half) layers of
-    highest Block Influence on the first chunks of the public repair text (``public``, read here when None).
+    highest Block Influence on the first chunks of the public repair text (from ``load_public``, else read here).
     Reads public inputs only."""
     s = cfg.method.student
     n = len(transformer_layers(teacher.model)[2])
@@ -109,7 +111,7 @@ def choose_layers(cfg: DictConfig, teacher: LoadedModel, public: ControlledCorpu
         return {"layers": [int(i) for i in s.layers], "select": "given"}
     if s.get("select", "every_other") == "every_other":
         return {"layers": every_other_layer(n), "select": "every_other"}
-    chunks = (public if public is not None else public_corpus(cfg, teacher)).token_ids[:CALIBRATION_CHUNKS]
+    chunks = (load_public() if load_public is not None else public_corpus(cfg, teacher)).token_ids[:CALIBRATION_CHUNKS]
     influence = block_influence(teacher.model, torch.tensor(chunks))
     return {"layers": most_influential(influence, int(s.get("num_layers") or math.ceil(n / 2))),
             "select": "block_influence", "block_influence": [round(b, 4) for b in influence],
@@ -161,16 +163,15 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     if m.get("freeze_embeddings", False):  # (tied: the LM head too) public weights, no per-sample V×d gradients
         teacher.model.get_input_embeddings().weight.requires_grad_(False)
     repair = m.student.get("repair")
-    reads_public = m.student.get("layers") is None and m.student.get("select") == "block_influence" or \
-        repair is not None and repair.get("enabled", False) and repair.get("corpus") == "public"
-    public = public_corpus(cfg, teacher) if reads_public else None  # read once: layer choice and repair
-    chosen = choose_layers(cfg, teacher, public)
+    load_public = cache(partial(public_corpus, cfg, teacher))  # read once, if at all: layer choice and repair
+    chosen = choose_layers(cfg, teacher, load_public)
     student = build_student(teacher, chosen["layers"])  # from the pre-trained (public) teacher
     ppl = dict(window=int(m.eval.window), stride=int(m.eval.stride))
     init = {"from": "pre-trained teacher layers (public)", "layers": len(chosen["layers"]),
             "kept_layers": chosen["layers"], **{k: v for k, v in chosen.items() if k != "layers"}, "repair": None}
     if repair is not None and repair.get("enabled", False):
-        init["repair"] = repair_student(cfg, teacher, student, codes, out_dir, layers=chosen["layers"], public=public)
+        init["repair"] = repair_student(cfg, teacher, student, codes, out_dir, layers=chosen["layers"],
+                                        load_public=load_public)
     metrics = before_private(teacher, student, held_out, ppl["window"], ppl["stride"],
                              init["repair"]["cache"] if init["repair"] else None) \
         if m.eval.get("before_private", True) else {}

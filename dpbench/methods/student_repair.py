@@ -25,7 +25,7 @@ import json
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -109,17 +109,17 @@ def _train(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, corpus: 
 
 def repair_student(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, codes: list[str],
                    out_dir: Path, layers: list[int] | None = None,
-                   public: ControlledCorpus | None = None) -> dict[str, Any]:
+                   load_public: Callable[[], ControlledCorpus] | None = None) -> dict[str, Any]:
     """Repair ``student`` in place from the pre-trained ``teacher`` (which must not have seen private data
     yet) and the public ``codes``; ``layers``: the teacher layers it kept (for the cache key; None → the
-    config's); ``public``: :func:`public_corpus` when the caller already read it (``repair.corpus=public``).
+    config's); ``load_public``: returns :func:`public_corpus` (the caller's memoised reader; called only for
+    ``repair.corpus=public``).
     Returns the record's ``student_init.repair`` (with ``cached``). Loads
     the repaired weights from ``method.student.repair.cache_dir`` when they were made under the same key."""
     r = cfg.method.student.repair
-    if r.get("corpus", "generated") != "public":
-        public = None
-    elif public is None:
-        public = public_corpus(cfg, teacher)
+    public = None
+    if r.get("corpus", "generated") == "public":
+        public = load_public() if load_public is not None else public_corpus(cfg, teacher)
     digest = None if public is None else corpus_digest(public)
     key = repair_key(cfg, codes, digest, layers)
     folder = Path(r.cache_dir) / key if r.get("cache_dir") else None
