@@ -30,8 +30,8 @@ import copy
 import math
 from dataclasses import replace
 from functools import cache, partial
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
