@@ -28,12 +28,13 @@ p.add_argument("--select", nargs="+", default=["every_other", "block_influence"]
 p.add_argument("--repair", nargs="*", default=None, help="selections to repair (default: all of --select)")
 p.add_argument("--layers", default=None, help="an explicit list instead, e.g. [0,1,2,8]")
 p.add_argument("--out", default="outputs/student_start")
+p.add_argument("--set", nargs="*", default=[], help="more overrides, e.g. method.student.repair.optimizer.lr=1e-3")
 a = p.parse_args()
 torch.set_num_threads(2)
 data = str(Path(a.data).resolve())
 base = ["experiment=distildp", f"data_root={data}", "method.student.repair.corpus=public", "method.freeze_embeddings=true",
         f"method.student.repair.public.max_tokens={max(a.repair_tokens, 8 * 128)}",
-        f"method.student.repair.cache_dir={a.out}/cache", "trainer.progress_bar=false"]
+        f"method.student.repair.cache_dir={a.out}/cache", "trainer.progress_bar=false", *a.set]
 cfg = compose_config(base)
 _, held_out, codes = distildp.load_generation_task(cfg.task, 0)
 teacher = distildp.load_causal_lm(cfg.model)
