@@ -40,14 +40,16 @@ _, held_out, codes = distildp.load_generation_task(cfg.task, 0)
 teacher = distildp.load_causal_lm(cfg.model)
 teacher.model.get_input_embeddings().weight.requires_grad_(False)
 mnli = list(load_glue("mnli", "dev", f"{data}/mnli").text_a[:150])
+sst2 = list(load_glue("sst2", "dev", f"{data}/sst2").text_a[:300])  # public review-like text (Yelp is private)
 yelp = held_out.subset(200, 0).texts
 
 
 def ppl(model) -> str:
-    return " / ".join(f"{perplexity(model, teacher.tokenizer, t, 128, 128):,.1f}" for t in (mnli, yelp))
+    return " / ".join(f"{perplexity(model, teacher.tokenizer, t, 128, 128):,.1f}" for t in (mnli, sst2, yelp))
 
 
-print(f"perplexity on MNLI dev premises / 200 Yelp test reviews; teacher: {ppl(teacher.model)}", flush=True)
+print(f"perplexity on MNLI dev premises / 300 SST-2 dev sentences / 200 Yelp test reviews; "
+      f"teacher: {ppl(teacher.model)}", flush=True)
 runs = [("given", f"method.student.layers={a.layers}")] if a.layers else [(s, f"method.student.select={s}") for s in a.select]
 for name, override in runs:
     c = compose_config(base + [override])
