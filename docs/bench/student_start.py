@@ -4,7 +4,8 @@ SmolLM2-135M (30 layers) → a student of 15 layers, kept every other or by Bloc
 repair text (MNLI train sentences); perplexity on public MNLI dev premises (a public proxy) and on 200 Yelp
 test reviews (the task's metric, never used to choose), before and after a repair of ``--repair-tokens``
 tokens of MNLI train text (distilled from the pre-trained teacher, the preset's repair settings). The repair
-uses ``repair.corpus=public`` and frozen embeddings, as the DistilDP table will.
+uses ``repair.corpus=public`` and frozen embeddings, as the DistilDP table will. SST-2 dev sentences (movie
+reviews; public here, Yelp is the private task) are a second, review-like public proxy.
 
     python docs/bench/student_start.py --data ../shared/data --repair-tokens 40960 --select block_influence
 """
