@@ -302,19 +302,22 @@ def epsilon_meter(plan: PrivacyPlan, stage_name: str, prior_stages: Sequence[Sta
 
 
 def run_stage(cfg: DictConfig, module: DPModule, data: L.LightningDataModule, plan: PrivacyPlan, out_dir: Path,
-              stage_name: str, prior_stages: Sequence[Stage] = ()) -> StageResult:
+              stage_name: str, prior_stages: Sequence[Stage] = (), checkpoint_dir: Path | None = None) -> StageResult:
     """Fit ``module`` for the plan's steps (one pass of the logical-batch sampler), then validate; the
     stage is recorded only when exactly the planned number of noised steps ran. With
-    ``trainer.checkpoint_every_n_steps`` the stage checkpoints and resumes (:mod:`dpbench.checkpointing`)."""
+    ``trainer.checkpoint_every_n_steps`` the stage checkpoints and resumes (:mod:`dpbench.checkpointing`).
+    ``checkpoint_dir``: keep the stage's checkpoint there instead of in ``out_dir`` (and always at least at
+    its end): a cache that another run with the same stage loads instead of training again."""
     t = cfg.trainer
     log_every = int(t.get("log_every_n_steps", 10))
     if plan.private:
         module.epsilon_spent = epsilon_meter(plan, stage_name, prior_stages, log_every)
     every = int(t.get("checkpoint_every_n_steps") or 0)
     ckpt = None
-    if every > 0:
+    if every > 0 or checkpoint_dir is not None:
         sampler = data.train_sampler
-        ckpt = StageCheckpoint(out_dir, stage_name, fingerprint(plan, stage_name, sampler.seed), every, sampler)
+        ckpt = StageCheckpoint(checkpoint_dir or out_dir, stage_name, fingerprint(plan, stage_name, sampler.seed),
+                               every, sampler)
         ckpt.restore_weights(module)
     devices = t.get("devices", 1)
     strategy = "auto"

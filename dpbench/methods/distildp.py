@@ -37,6 +37,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dpbench.checkpointing import CHECKPOINT_DIR
 from dpbench.compression.layer_influence import block_influence, most_influential
 from dpbench.compression.structured import copy_with_layers, every_other_layer, transformer_layers
 from dpbench.data.generation import ControlledCorpus, load_yelp, make_synthetic_corpus, public_codes
@@ -46,6 +47,7 @@ from dpbench.methods.finetune import select_trainable
 from dpbench.methods.generate import Generation, cached_generation, derive_seed, generate_synthetic
 from dpbench.methods.language_model import LMDistillModule, train_lm
 from dpbench.methods.student_repair import before_private, public_corpus, repair_student
+from dpbench.methods.teacher_cache import teacher_folder
 from dpbench.models.registry import LoadedModel, load_causal_lm
 from dpbench.pipeline import StageResult, make_record, plan_privacy, plan_stages, privacy_record
 from dpbench.results.schema import RunRecord
@@ -178,6 +180,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     distill = partial(LMDistillModule, lam=lam, temperature=temperature, alpha=alpha)
     results, extra = {}, {"student_init": init}
     generation_s = 0.0  # generation after the DP stages (DistilDP's corpus, the on-policy samples)
+    shared = None  # the DP teacher's cache folder (distildp, onpolicy)
 
     private.open()
     if m.pipeline == "dp_student":
@@ -193,18 +196,23 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
                                       stage_name="student", seed=seed + 1, prior_stages=[results["teacher"].stage],
                                       module_factory=partial(distill, teacher=teacher.model))
         plan = plans[0]
-    else:  # distildp, onpolicy: the DP teacher
+    else:  # distildp, onpolicy: the DP teacher (shared through method.teacher_cache_dir: teacher_cache.py)
         plan = plan_privacy(cfg, len(private), private=True)
+        shared = teacher_folder(cfg, private.corpus, plan, seed)
+        if shared is not None:
+            extra["teacher_cache"] = {"key": shared.name, "folder": str(shared),
+                                      "found": (shared / CHECKPOINT_DIR / "teacher.pt").exists()}
         results["teacher"] = train_lm(cfg, teacher, private.corpus, held_out, plan, out_dir, stage_name="teacher",
-                                      seed=seed)
+                                      seed=seed, checkpoint_dir=shared)
     private.seal()  # everything below is post-processing of the DP stages
 
     if m.pipeline == "distildp":
         resumable = int(cfg.trainer.get("checkpoint_every_n_steps") or 0) > 0
         key = {"generation": OmegaConf.to_container(m.generation, resolve=True), "seed": seed, "codes": codes,
                "teacher_steps": results["teacher"].steps}
-        gen = cached_generation(out_dir / "checkpoints" / "synthetic.json" if resumable else None, key,
-                                lambda: generate_synthetic(teacher, codes, m.generation, seed))
+        kept = shared / "synthetic.json" if shared is not None else \
+            out_dir / CHECKPOINT_DIR / "synthetic.json" if resumable else None
+        gen = cached_generation(kept, key, lambda: generate_synthetic(teacher, codes, m.generation, seed))
         synthetic, generation_s = gen.corpus, gen.seconds
         s_cfg = copy.deepcopy(cfg)
         s_cfg.method.optimizer = m.student_optimizer

@@ -137,10 +137,12 @@ class LMDataModule(L.LightningDataModule):
 
 def train_lm(cfg: DictConfig, lm: LoadedModel, train: ControlledCorpus, val: ControlledCorpus, plan: PrivacyPlan,
              out_dir: Path, *, stage_name: str, seed: int, prior_stages: Sequence[Stage] = (),
-             module_factory: Callable[..., CausalLMModule] = CausalLMModule) -> StageResult:
-    """One LM training stage under ``plan`` (DP or not), validated on ``val``."""
+             module_factory: Callable[..., CausalLMModule] = CausalLMModule,
+             checkpoint_dir: Path | None = None) -> StageResult:
+    """One LM training stage under ``plan`` (DP or not), validated on ``val``; ``checkpoint_dir``: see
+    :func:`dpbench.pipeline.run_stage`."""
     module = module_factory(lm, optim_config(cfg.method), dp_config(cfg, plan, seed), batching_config(cfg),
                             plan.steps)
     data = LMDataModule(train, val, lm, int(cfg.task.max_length), make_sampler(plan, len(train), seed),
                         int(cfg.trainer.get("eval_batch_size", 64)))
-    return run_stage(cfg, module, data, plan, out_dir, stage_name, prior_stages)
+    return run_stage(cfg, module, data, plan, out_dir, stage_name, prior_stages, checkpoint_dir)
