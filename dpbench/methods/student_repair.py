@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 import os
+import random
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -71,16 +72,36 @@ def repair_key(cfg: DictConfig, codes: list[str], public_digest: str | None = No
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def public_mix(public: DictConfig) -> dict[str, float]:
+    """``repair.public.mix``: the share of the public tokens each other GLUE task gives."""
+    return {str(k): float(v) for k, v in (public.get("mix") or {}).items()}
+
+
 def public_corpus(cfg: DictConfig, teacher: LoadedModel) -> ControlledCorpus:
     """``repair.public.task``'s train sentences, packed into chunks that fill ``task.max_length`` after the
-    empty code's prefix; never the private task itself."""
+    empty code's prefix, up to ``max_tokens``; with ``repair.public.mix`` ({task: share}), that share of the
+    tokens comes from each other GLUE task's train sentences (read from ``data_root``/<task>), the chunks
+    shuffled together. Never the private task itself."""
     p = cfg.method.student.repair.public
-    if str(p.task) == str(cfg.task.name):
-        raise ConfigError(f"method.student.repair.public.task is the private task '{cfg.task.name}'; the repair "
+    mix = public_mix(p)
+    if any(not 0 < v < 1 for v in mix.values()) or sum(mix.values()) >= 1 or str(p.task) in mix:
+        raise ConfigError(f"method.student.repair.public.mix {mix} must give other tasks shares in (0, 1) that "
+                          "sum below 1 (the rest is public.task's), e.g. mix={sst2: 0.5}")
+    root = cfg.get("data_root")
+    sources = {str(p.task): (1 - sum(mix.values()), p.get("data_dir")),
+               **{t: (v, str(Path(root) / t) if root else None) for t, v in mix.items()}}
+    if str(cfg.task.name) in sources:
+        raise ConfigError(f"method.student.repair.public reads the private task '{cfg.task.name}'; the repair "
                           "must read public text only: set it to another task, e.g. repair.public.task=mnli")
     chunk = int(cfg.task.max_length) - len(prompt_ids(teacher.tokenizer, ""))
-    return packed_corpus(glue_texts(str(p.task), p.get("data_dir")), teacher.tokenizer, chunk,
-                         int(p.max_tokens), int(cfg.method.student.repair.seed))
+    seed = int(cfg.method.student.repair.seed)
+    parts = [packed_corpus(glue_texts(t, d), teacher.tokenizer, chunk, int(share * int(p.max_tokens)), seed)
+             for t, (share, d) in sources.items()]
+    if len(parts) == 1:
+        return parts[0]
+    rows = [row for part in parts for row in zip(part.texts, part.token_ids)]
+    random.Random(seed).shuffle(rows)
+    return ControlledCorpus([""] * len(rows), [t for t, _ in rows], [ids for _, ids in rows])
 
 
 def _train(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, corpus: ControlledCorpus,
@@ -132,10 +153,11 @@ def repair_student(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, 
         corpus, source = gen.corpus, {"from": "the pre-trained teacher (public), on text it generated from the "
                                               "public codes", "corpus": gen.record()}
     else:
+        mix = public_mix(r.public)
         corpus, source = public, {
-            "from": f"the pre-trained teacher (public), on {r.public.task}'s train sentences from disk (public text, "
-                    "not the private task's)",
-            "corpus": {"source": "public", "task": str(r.public.task), "chunks": len(public),
+            "from": f"the pre-trained teacher (public), on {r.public.task}'s train sentences from disk"
+                    f"{' mixed with ' + ', '.join(mix) if mix else ''} (public text, not the private task's)",
+            "corpus": {"source": "public", "task": str(r.public.task), "mix": mix, "chunks": len(public),
                        "tokens": sum(len(c) for c in public.token_ids or []), "digest": digest}}
     info = {"key": key, **source, "lam": float(r.lam), "temperature": float(r.temperature),
             **_train(cfg, teacher, student, corpus, out_dir)}

@@ -232,8 +232,33 @@ def test_block_influence_student_keeps_the_chosen_layers_and_keys_its_repair_by_
 def test_public_text_repair_refuses_the_private_task() -> None:
     cfg = _smoke("method.student.repair.corpus=public", "method.student.repair.public.task=sst2", "task.name=sst2")
     teacher = distildp.load_causal_lm(cfg.model)
-    with pytest.raises(ConfigError, match="is the private task"):
+    with pytest.raises(ConfigError, match="reads the private task"):
         student_repair.public_corpus(cfg, teacher)
+
+
+def test_public_text_mix_takes_each_tasks_share_of_the_tokens(tmp_path) -> None:
+    """repair.public.mix {task: share} packs that share of max_tokens from another task's train sentences
+    (under data_root) beside public.task's, shuffled together; bad shares and the private task are refused."""
+    main = _sst2_folder(tmp_path / "main", "quiet")
+    (tmp_path / "cola").mkdir()
+    (tmp_path / "cola" / "train.tsv").write_text("".join(f"src\t1\t\tthe loud dog number {i} barked all night "
+                                                         "at the moon\n" for i in range(60)))
+    base = ("method.student.repair.corpus=public", "method.student.repair.public.task=sst2",
+            f"method.student.repair.public.data_dir={main}", "method.student.repair.public.max_tokens=600",
+            f"data_root={tmp_path}")
+    cfg = _smoke(*base, "method.student.repair.public.mix={cola: 0.25}")
+    teacher = distildp.load_causal_lm(cfg.model)
+    corpus = student_repair.public_corpus(cfg, teacher)
+    loud = [t for t in corpus.texts if "loud" in t and "quiet" not in t]
+    quiet = [t for t in corpus.texts if "quiet" in t and "loud" not in t]
+    assert len(loud) == 150 // 47 and len(quiet) == 450 // 47  # chunks of 47 ids, each from one source
+    assert len(loud) + len(quiet) == len(corpus) and corpus.texts[:len(quiet)] != quiet  # shuffled together
+    for bad in ("{cola: 1.0}", "{cola: 0.6, rte: 0.5}", "{sst2: 0.2}"):
+        with pytest.raises(ConfigError, match="must give other tasks shares"):
+            student_repair.public_corpus(_smoke(*base, f"method.student.repair.public.mix={bad}"), teacher)
+    with pytest.raises(ConfigError, match="reads the private task 'cola'"):
+        student_repair.public_corpus(_smoke(*base, "method.student.repair.public.mix={cola: 0.25}", "task.name=cola"),
+                                     teacher)
 
 
 def test_repair_moves_the_student_toward_the_teacher_and_leaves_the_teacher_as_it_was(tmp_path) -> None:
