@@ -60,7 +60,8 @@ for name, override in runs:
     print(f"  before repair: {ppl(student.model)}", flush=True)
     if a.repair_tokens and (a.repair is None or name in a.repair):
         t0 = time.time()
-        info = student_repair.repair_student(c, teacher, student, codes, Path(a.out) / name, layers=chosen["layers"])
+        logs = Path(a.out) / "_".join([name, str(a.repair_tokens), *(o.rsplit(".", 1)[-1] for o in a.set)])
+        info = student_repair.repair_student(c, teacher, student, codes, logs, layers=chosen["layers"])
         s = time.time() - t0
         tok = info["corpus"]["tokens"]
         print(f"  after repair on {tok:,} tokens ({info['steps']} steps, {s / 60:.1f} min, {tok / s:.0f} tok/s"
