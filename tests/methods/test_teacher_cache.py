@@ -38,7 +38,8 @@ def test_pipelines_sharing_a_seed_load_the_teacher_the_first_trained(monkeypatch
     assert [r.extra["teacher_cache"]["found"] for r in (first, again)] == [False, True]
     assert "teacher_cache" not in fresh.extra
     assert all(torch.equal(teachers[0][k], teachers[2][k]) for k in teachers[0])  # loaded = what training gives
-    assert [f for f in fits if f != "student_repair"] == ["teacher", "student", "teacher", "student", "student"]  # the third run trained no teacher
+    trained = [f for f in fits if f != "student_repair"]
+    assert trained == ["teacher", "student", "teacher", "student", "student"]  # the third run trained no teacher
     assert again.privacy.stages == fresh.privacy.stages == first.privacy.stages  # the same release, the same ε
     assert again.privacy.epsilon == fresh.privacy.epsilon
     assert again.metrics["teacher_perplexity"] == fresh.metrics["teacher_perplexity"]
