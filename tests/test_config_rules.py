@@ -21,7 +21,8 @@ NOT_RULED = {"privacy.epsilon", "privacy.delta", "privacy.noise_multiplier", "pr
              "model.name", "model.family", "model.pretrained", "model.tokenizer", "model.tokenizer_kind",
              "model.gguf_file", "model.config", "task.name", "task.kind", "task.data_dir", "task.codes",
              "task.train_file", "task.eval_file", "method.student.repair.cache_dir",
-             "method.student.repair.public.data_dir"}
+             "method.student.repair.public.data_dir", "method.teacher_cache_dir",
+             "method.student.repair.public.mix"}  # mix: a {task: share} map, checked where it is read (public_corpus)
 
 
 def _configs() -> list:
