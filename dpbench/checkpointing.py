@@ -38,6 +38,11 @@ CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
 
 
+def checkpoint_path(folder: Path, stage: str) -> Path:
+    """Where stage ``stage`` of a run (or of a shared cache folder) keeps its checkpoint."""
+    return Path(folder) / CHECKPOINT_DIR / f"{stage}.pt"
+
+
 def fingerprint(plan: Any, stage: str, seed: int) -> dict[str, Any]:
     """What fixes a stage's privacy cost and its sampling: a checkpoint only resumes the same."""
     return {"stage": stage, "private": plan.private, "noise_multiplier": plan.noise_multiplier,
@@ -63,7 +68,7 @@ class StageCheckpoint(L.Callback):
     """Saves every ``every`` noised steps and at the end; restores on the next start (see module doc)."""
 
     def __init__(self, out_dir: Path, stage: str, expected: dict[str, Any], every: int, sampler: Any) -> None:
-        self.path = Path(out_dir) / CHECKPOINT_DIR / f"{stage}.pt"
+        self.path = checkpoint_path(out_dir, stage)
         self.expected, self.every, self.sampler = expected, int(every), sampler
         self.state: dict[str, Any] | None = None
         if self.path.exists():

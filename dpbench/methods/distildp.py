@@ -37,7 +37,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpbench.checkpointing import CHECKPOINT_DIR
+from dpbench.checkpointing import CHECKPOINT_DIR, checkpoint_path
 from dpbench.compression.layer_influence import block_influence, most_influential
 from dpbench.compression.structured import copy_with_layers, every_other_layer, transformer_layers
 from dpbench.data.generation import ControlledCorpus, load_yelp, make_synthetic_corpus, public_codes
@@ -201,7 +201,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
         shared = teacher_folder(cfg, private.corpus, plan, seed)
         if shared is not None:
             extra["teacher_cache"] = {"key": shared.name, "folder": str(shared),
-                                      "found": (shared / CHECKPOINT_DIR / "teacher.pt").exists()}
+                                      "found": checkpoint_path(shared, "teacher").exists()}
         results["teacher"] = train_lm(cfg, teacher, private.corpus, held_out, plan, out_dir, stage_name="teacher",
                                       seed=seed, checkpoint_dir=shared)
     private.seal()  # everything below is post-processing of the DP stages
