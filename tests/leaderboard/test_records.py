@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from dpbench.leaderboard.aggregate import aggregate
+from dpbench.leaderboard.aggregate import LOWER_IS_BETTER, aggregate
 from dpbench.leaderboard.submission import read_submission, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORDS = sorted((ROOT / "docs" / "records").glob("*.json"))
 DOC_OF = {"recipes_sst2": "recipes.md", "tuning_sst2": "tuning.md", "anadp_sst2": "anadp.md",
-          "compression_sst2": "compression.md", "recipes_glue9k": "recipes.md"}  # submission → the doc holding its table
+          "compression_sst2": "compression.md", "recipes_glue9k": "recipes.md", "anadp_qnli_eps3": "anadp.md",
+          "compression_qnli": "compression.md", "tuning_qnli": "compression.md",
+          "distildp_yelp": "distildp.md"}  # submission → its table's doc
 
 
 def test_every_table_has_its_records() -> None:
@@ -29,5 +31,6 @@ def test_committed_records_verify_and_match_their_table(path: Path) -> None:
     doc = (ROOT / "docs" / DOC_OF[path.stem]).read_text(encoding="utf-8")
     rows = aggregate((v.record, v.epsilon_recomputed) for v in review.runs)
     for row in rows:
-        shown = f"{100 * row.mean:.1f} ± {100 * row.std:.1f}" if row.n > 1 else f"{100 * row.mean:.1f}"
+        scale = 1 if any(k in row.metric for k in LOWER_IS_BETTER) else 100  # perplexity as is, accuracy in %
+        shown = f"{scale * row.mean:.1f} ± {scale * row.std:.1f}" if row.n > 1 else f"{scale * row.mean:.1f}"
         assert shown in doc, f"{row.method} at ε={row.eps_label}: {shown} (n={row.n}) is not in {DOC_OF[path.stem]}"
