@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dpbench.leaderboard.aggregate import LOWER_IS_BETTER, aggregate
+from dpbench.leaderboard.aggregate import aggregate, lower_is_better
 from dpbench.leaderboard.submission import read_submission, validate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +31,6 @@ def test_committed_records_verify_and_match_their_table(path: Path) -> None:
     doc = (ROOT / "docs" / DOC_OF[path.stem]).read_text(encoding="utf-8")
     rows = aggregate((v.record, v.epsilon_recomputed) for v in review.runs)
     for row in rows:
-        scale = 1 if any(k in row.metric for k in LOWER_IS_BETTER) else 100  # perplexity as is, accuracy in %
+        scale = 1 if lower_is_better(row.metric) else 100  # perplexity as is, accuracy in %
         shown = f"{scale * row.mean:.1f} ± {scale * row.std:.1f}" if row.n > 1 else f"{scale * row.mean:.1f}"
         assert shown in doc, f"{row.method} at ε={row.eps_label}: {shown} (n={row.n}) is not in {DOC_OF[path.stem]}"
