@@ -106,6 +106,7 @@ RULES: dict[str, Rule] = {
     "method.compression.structured": FLAG, "method.student.width_sparsity": FRACTION,
     "method.budget_split": OPEN_FRACTION, "method.kd.lam": UNIT, "method.kd.temperature": POSITIVE,
     "method.kd.alpha": NON_NEGATIVE, "method.student_epochs": POSITIVE,
+    "method.student_batch_size": integer(1, "8", nullable=True),
     "method.eval.window": integer(1, "128"), "method.eval.stride": integer(1, "128"),
     **_generation("method.generation"), **_generation("method.student.repair.generation"),
     "method.eval.before_private": FLAG, "method.student.repair.enabled": FLAG,

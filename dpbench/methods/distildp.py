@@ -49,7 +49,7 @@ from dpbench.methods.language_model import LMDistillModule, train_lm
 from dpbench.methods.student_repair import before_private, public_corpus, repair_student
 from dpbench.methods.teacher_cache import teacher_folder
 from dpbench.models.registry import LoadedModel, load_causal_lm
-from dpbench.pipeline import StageResult, make_record, plan_privacy, plan_stages, privacy_record
+from dpbench.pipeline import PrivacyPlan, StageResult, make_record, plan_privacy, plan_stages, privacy_record
 from dpbench.results.schema import RunRecord
 
 PIPELINES = ("distildp", "onpolicy", "dp_student", "dpkd")
@@ -125,24 +125,31 @@ def build_student(teacher: LoadedModel, layers: list[int]) -> LoadedModel:
     return replace(teacher, model=copy_with_layers(teacher.model, layers))
 
 
+def student_plan(cfg: DictConfig, n: int, epochs: float) -> tuple[DictConfig, PrivacyPlan]:
+    """The config and (non-private) plan of a student stage on ``n`` post-processed texts: the student's optimizer,
+    batches of ``method.student_batch_size`` (null: ``privacy.batch_size``, as the DP stages), capped at ``n``,
+    for ``epochs`` passes."""
+    s_cfg = copy.deepcopy(cfg)
+    s_cfg.method.optimizer = cfg.method.student_optimizer
+    b = min(int(cfg.method.get("student_batch_size") or cfg.privacy.batch_size), n)
+    s_cfg.privacy.batch_size = b
+    s_cfg.privacy.physical_batch_size = min(int(cfg.privacy.physical_batch_size), b)
+    return s_cfg, plan_privacy(s_cfg, n, private=False, steps=max(1, round(epochs * n / b)))
+
+
 def onpolicy_distill(cfg: DictConfig, teacher: LoadedModel, student: LoadedModel, codes: list[str], out_dir: Path,
                      seed: int) -> tuple[list[StageResult], list[Generation]]:
     """``onpolicy.rounds`` rounds of: the student samples ``onpolicy.samples_per_round`` continuations of
     public codes; the (DP, frozen) teacher scores them; the student minimises the divergence to the teacher
     on its own samples for ``onpolicy.epochs_per_round`` passes. Post-processing of the DP teacher."""
     m, o = cfg.method, cfg.method.onpolicy
-    s_cfg = copy.deepcopy(cfg)
-    s_cfg.method.optimizer = m.student_optimizer
     g = OmegaConf.merge(m.generation, {"num_samples": int(o.samples_per_round)})
     factory = partial(LMDistillModule, teacher=teacher.model, lam=1.0, temperature=float(m.kd.temperature),
                       alpha=float(m.kd.get("alpha", 0.0)), divergence=str(o.divergence), beta=float(o.beta))
     results, gens = [], []
     for k in range(int(o.rounds)):
         gen = generate_synthetic(student, codes, g, derive_seed(seed, f"onpolicy{k}"))  # the student's own samples
-        b = min(int(cfg.privacy.batch_size), len(gen.corpus))
-        s_cfg.privacy.batch_size = b
-        steps = max(1, round(float(o.epochs_per_round) * len(gen.corpus) / b))
-        plan = plan_privacy(s_cfg, len(gen.corpus), private=False, steps=steps)
+        s_cfg, plan = student_plan(cfg, len(gen.corpus), float(o.epochs_per_round))
         val = gen.corpus.subset(min(64, len(gen.corpus)), seed)
         results.append(train_lm(s_cfg, student, gen.corpus, val, plan, out_dir, stage_name=f"onpolicy_{k}",
                                 seed=seed + 1 + k, module_factory=factory))
@@ -214,10 +221,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
             out_dir / CHECKPOINT_DIR / "synthetic.json" if resumable else None
         gen = cached_generation(kept, key, lambda: generate_synthetic(teacher, codes, m.generation, seed))
         synthetic, generation_s = gen.corpus, gen.seconds
-        s_cfg = copy.deepcopy(cfg)
-        s_cfg.method.optimizer = m.student_optimizer
-        steps = max(1, round(float(m.student_epochs) * len(synthetic) / int(cfg.privacy.batch_size)))
-        s_plan = plan_privacy(s_cfg, len(synthetic), private=False, steps=steps)
+        s_cfg, s_plan = student_plan(cfg, len(synthetic), float(m.student_epochs))
         results["student"] = train_lm(s_cfg, student, synthetic, held_out, s_plan, out_dir, stage_name="student",
                                       seed=seed + 1, module_factory=partial(distill, teacher=teacher.model))
         (out_dir / "samples.txt").write_text("\n\n---\n\n".join(f"{c}\n{t}" for c, t in

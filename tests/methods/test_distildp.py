@@ -329,3 +329,14 @@ def test_divergences() -> None:
     torch.testing.assert_close(token_divergence(s, t, "jsd", beta), explicit)
     with pytest.raises(ValueError, match="choose one of"):
         token_divergence(s, t, "tv")
+
+
+@pytest.mark.parametrize("student_batch, n, expect_b", [(None, 40, 16), (4, 40, 4), (64, 10, 10)])
+def test_student_stage_batches_post_processed_text_by_student_batch_size(student_batch, n, expect_b) -> None:
+    cfg = _smoke("privacy.batch_size=16", f"method.student_batch_size={'null' if student_batch is None else student_batch}",
+                 "method.student_optimizer.lr=0.003")
+    s_cfg, plan = distildp.student_plan(cfg, n, epochs=2.0)
+    assert not plan.private and plan.noise_multiplier is None  # post-processing: no noise, no ε
+    assert plan.batch_size == s_cfg.privacy.batch_size == expect_b and plan.steps == round(2.0 * n / expect_b)
+    assert s_cfg.privacy.physical_batch_size <= expect_b
+    assert s_cfg.method.optimizer.lr == 0.003 and cfg.privacy.batch_size == 16  # the run's own config untouched
