@@ -72,8 +72,16 @@ class ControlledCorpus:
         ``n`` None or >= len(self) returns ``self`` unchanged.
         """
         idx = subset_indices(len(self), n, seed)
-        if idx is None:
-            return self
+        return self if idx is None else self._take(idx)
+
+    def split_off(self, n: int, seed: int) -> tuple[ControlledCorpus, ControlledCorpus]:
+        """(the rest, a seeded random ``n`` held out): a tuning split carved from the training corpus."""
+        if not 0 < n < len(self):
+            raise ConfigError(f"task.holdout_examples must be in [1, {len(self) - 1}] (got {n})")
+        held = set(subset_indices(len(self), n, seed) or [])
+        return self._take([i for i in range(len(self)) if i not in held]), self._take(sorted(held))
+
+    def _take(self, idx: list[int]) -> ControlledCorpus:
         ids = None if self.token_ids is None else [self.token_ids[i] for i in idx]
         return ControlledCorpus([self.codes[i] for i in idx], [self.texts[i] for i in idx], ids)
 

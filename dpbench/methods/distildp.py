@@ -96,8 +96,12 @@ def load_generation_task(task: DictConfig, seed: int) -> tuple[ControlledCorpus,
         if not task.get("data_dir"):
             raise DataError(f"task.data_dir is not set; point it at the folder holding {task.train_file} "
                             f"(e.g. task.data_dir=../shared/data/{task.name})")
-        train = load_yelp(Path(task.data_dir) / task.train_file).subset(task.get("max_train_examples"), seed)
-        held_out = load_yelp(Path(task.data_dir) / task.eval_file).subset(task.get("max_eval_examples"), 0)
+        train = load_yelp(Path(task.data_dir) / task.train_file)
+        if task.get("holdout_examples"):  # tune on reviews held out of the training file; the test file stays unread
+            train, held_out = train.split_off(int(task.holdout_examples), seed=int(task.get("holdout_seed", 0)))
+        else:
+            held_out = load_yelp(Path(task.data_dir) / task.eval_file).subset(task.get("max_eval_examples"), 0)
+        train = train.subset(task.get("max_train_examples"), seed)
     return train, held_out, public_codes(task.codes)
 
 

@@ -126,6 +126,27 @@ def test_controlled_corpus_checks_and_subset() -> None:
         corpus.subset(0, seed=0)
 
 
+def test_yelp_holdout_is_carved_from_the_training_file_and_never_reads_the_test_file(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from dpbench.methods.distildp import load_generation_task
+    rows = [["text", "label1", "label2"]] + [[f"review {i}", "Business Category: Bars", "Review Stars: 3.0"]
+                                             for i in range(30)]
+    write_csv(tmp_path / "dev.csv", rows)  # no test.csv: a read of it would fail
+    task = OmegaConf.create({"name": "yelp", "kind": "generation", "data_dir": str(tmp_path), "train_file": "dev.csv",
+                             "eval_file": "test.csv", "max_train_examples": 12, "holdout_examples": 8,
+                             "holdout_seed": 1, "codes": "yelp"})
+    train, held, _ = load_generation_task(task, seed=0)
+    assert len(train) == 12 and len(held) == 8 and not set(train.texts) & set(held.texts)
+    assert held.texts == load_generation_task(task, seed=5)[1].texts  # the split is the holdout seed's, not the run's
+    assert train.texts != load_generation_task(task, seed=5)[0].texts
+    corpus = load_yelp(tmp_path / "dev.csv")
+    rest, held2 = corpus.split_off(8, seed=1)
+    assert held2.texts == held.texts and sorted(rest.texts + held2.texts) == sorted(corpus.texts)
+    with pytest.raises(ConfigError, match="holdout_examples"):
+        corpus.split_off(30, seed=0)
+
+
 # -- synthetic corpus ------------------------------------------------------------------------------
 def test_synthetic_corpus_deterministic_and_code_dependent() -> None:
     a, b = make_synthetic_corpus(300, seed=0), make_synthetic_corpus(300, seed=0)
