@@ -193,14 +193,15 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     generation_s = 0.0  # generation after the DP stages (DistilDP's corpus, the on-policy samples)
     shared = None  # the DP teacher's cache folder (distildp, onpolicy)
 
+    dp = bool(m.get("private", True))  # false: the non-private control at the same settings (no noise, no ε)
     private.open()
     if m.pipeline == "dp_student":
-        plan = plan_privacy(cfg, len(private), private=True)
+        plan = plan_privacy(cfg, len(private), private=dp)
         results["student"] = train_lm(cfg, student, private.corpus, held_out, plan, out_dir, stage_name="student",
                                       seed=seed)
         teacher = None
     elif m.pipeline == "dpkd":
-        plans = plan_stages(cfg, len(private), [1.0, 1.0], private=True, budget_split=float(m.budget_split))
+        plans = plan_stages(cfg, len(private), [1.0, 1.0], private=dp, budget_split=float(m.budget_split))
         results["teacher"] = train_lm(cfg, teacher, private.corpus, held_out, plans[0], out_dir,
                                       stage_name="teacher", seed=seed)
         results["student"] = train_lm(cfg, student, private.corpus, held_out, plans[1], out_dir,
@@ -208,7 +209,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
                                       module_factory=partial(distill, teacher=teacher.model))
         plan = plans[0]
     else:  # distildp, onpolicy: the DP teacher (shared through method.teacher_cache_dir: teacher_cache.py)
-        plan = plan_privacy(cfg, len(private), private=True)
+        plan = plan_privacy(cfg, len(private), private=dp)
         shared = teacher_folder(cfg, private.corpus, plan, seed)
         if shared is not None:
             extra["teacher_cache"] = {"key": shared.name, "folder": str(shared),

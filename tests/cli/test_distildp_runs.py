@@ -40,3 +40,12 @@ def test_distildp_pipelines_write_ok_records(method: str, tmp_path: Path) -> Non
     assert repair["cached"] is False and repair["steps"] == 2 and repair["corpus"]["tokens_per_s"] > 0
     assert r["metrics"]["pretrained_teacher_perplexity"] > 1 and r["metrics"]["initial_student_perplexity"] > 1
     assert r["distillation"]["student_layers"] == 2
+
+
+def test_non_private_control_runs_the_same_stages_without_noise_or_epsilon(tmp_path: Path) -> None:
+    out = tmp_path / "control"
+    proc = dpbench("experiment=distildp_smoke", "method=dpkd_lm", "method.private=false", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = read(out)
+    assert r["status"] == "ok" and r["privacy"]["stages"] == [] and r["privacy"]["epsilon"] is None
+    assert r["timing"]["steps"] == 2 + 2 and r["metrics"]["student_perplexity"] > 1  # the DP run's 4 steps, split
