@@ -43,7 +43,7 @@ from dpbench.compression.structured import copy_with_layers, every_other_layer, 
 from dpbench.data.generation import ControlledCorpus, load_yelp, make_synthetic_corpus, public_codes
 from dpbench.data.perplexity import perplexity
 from dpbench.errors import ConfigError, DataError, PrivacyError
-from dpbench.methods.finetune import select_trainable
+from dpbench.methods.finetune import freeze_embeddings, set_trainable
 from dpbench.methods.generate import Generation, cached_generation, derive_seed, generate_synthetic
 from dpbench.methods.language_model import LMDistillModule, train_lm
 from dpbench.methods.student_repair import before_private, public_corpus, repair_student
@@ -129,6 +129,18 @@ def build_student(teacher: LoadedModel, layers: list[int]) -> LoadedModel:
     return replace(teacher, model=copy_with_layers(teacher.model, layers))
 
 
+def dp_train(cfg: DictConfig, lm: LoadedModel, *args, **kwargs) -> StageResult:
+    """A stage on the private text (:func:`train_lm`) that trains ``method.trainable`` of ``lm``: ``full`` (less
+    frozen embeddings), ``bitfit``, or ``lora`` adapters (``method.lora``), merged into the weights after the
+    stage so that what follows (generation, distillation, perplexity) sees a plain model. Merging is
+    post-processing of the stage's release: ε is the stage's."""
+    set_trainable(lm, cfg.method)
+    result = train_lm(cfg, lm, *args, **kwargs)
+    if cfg.method.trainable == "lora":
+        lm.model = lm.model.merge_and_unload()
+    return result
+
+
 def student_plan(cfg: DictConfig, n: int, epochs: float) -> tuple[DictConfig, PrivacyPlan]:
     """The config and (non-private) plan of a student stage on ``n`` post-processed texts: the student's optimizer,
     batches of ``method.student_batch_size`` (null: ``privacy.batch_size``, as the DP stages), capped at ``n``,
@@ -172,9 +184,8 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     private = PrivateCorpus(train)  # closed until the DP stages
     del train  # from here on, the private text is reachable only through the guard
     teacher = load_causal_lm(cfg.model)
-    select_trainable(teacher.model, m.trainable)
     if m.get("freeze_embeddings", False):  # (tied: the LM head too) public weights, no per-sample V×d gradients
-        teacher.model.get_input_embeddings().weight.requires_grad_(False)
+        freeze_embeddings(teacher.model)  # the student copies these flags: its public stages train the rest
     repair = m.student.get("repair")
     load_public = cache(partial(public_corpus, cfg, teacher))  # read once, if at all: layer choice and repair
     chosen = choose_layers(cfg, teacher, load_public)
@@ -197,14 +208,14 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
     private.open()
     if m.pipeline == "dp_student":
         plan = plan_privacy(cfg, len(private), private=dp)
-        results["student"] = train_lm(cfg, student, private.corpus, held_out, plan, out_dir, stage_name="student",
+        results["student"] = dp_train(cfg, student, private.corpus, held_out, plan, out_dir, stage_name="student",
                                       seed=seed)
         teacher = None
     elif m.pipeline == "dpkd":
         plans = plan_stages(cfg, len(private), [1.0, 1.0], private=dp, budget_split=float(m.budget_split))
-        results["teacher"] = train_lm(cfg, teacher, private.corpus, held_out, plans[0], out_dir,
+        results["teacher"] = dp_train(cfg, teacher, private.corpus, held_out, plans[0], out_dir,
                                       stage_name="teacher", seed=seed)
-        results["student"] = train_lm(cfg, student, private.corpus, held_out, plans[1], out_dir,
+        results["student"] = dp_train(cfg, student, private.corpus, held_out, plans[1], out_dir,
                                       stage_name="student", seed=seed + 1, prior_stages=[results["teacher"].stage],
                                       module_factory=partial(distill, teacher=teacher.model))
         plan = plans[0]
@@ -214,7 +225,7 @@ def run(cfg: DictConfig, out_dir: Path) -> RunRecord:
         if shared is not None:
             extra["teacher_cache"] = {"key": shared.name, "folder": str(shared),
                                       "found": checkpoint_path(shared, "teacher").exists()}
-        results["teacher"] = train_lm(cfg, teacher, private.corpus, held_out, plan, out_dir, stage_name="teacher",
+        results["teacher"] = dp_train(cfg, teacher, private.corpus, held_out, plan, out_dir, stage_name="teacher",
                                       seed=seed, checkpoint_dir=shared)
     private.seal()  # everything below is post-processing of the DP stages
 

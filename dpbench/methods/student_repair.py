@@ -49,7 +49,8 @@ _NOT_IN_KEY = ("cache_dir", "enabled")  # where it is kept and whether it runs c
 def repair_key(cfg: DictConfig, codes: list[str], public_digest: str | None = None,
                layers: list[int] | None = None) -> str:
     """A hash of everything the repaired student depends on: the teacher's model config, the student's
-    layers and trainable set, the repair settings (generation or the public text's digest, optimizer,
+    layers and trainable set (always every parameter but the frozen embeddings: ``method.trainable`` is the
+    DP stages'), the repair settings (generation or the public text's digest, optimizer,
     steps, seed), the public codes, the sequence length, micro-batching, precision and devices, the code
     version and the library versions; nothing from the task's data, and not the folder the public text
     was read from (its token ids are in ``public_digest``)."""
@@ -65,7 +66,7 @@ def repair_key(cfg: DictConfig, codes: list[str], public_digest: str | None = No
              "model": OmegaConf.to_container(cfg.model, resolve=True),
              "layers": layers if layers is not None else
              OmegaConf.to_container(cfg.method.student, resolve=True).get("layers"),
-             "trainable": cfg.method.trainable, "freeze_embeddings": bool(cfg.method.get("freeze_embeddings", False)),
+             "trainable": "full", "freeze_embeddings": bool(cfg.method.get("freeze_embeddings", False)),
              "repair": repair, "codes": list(codes), "max_length": int(cfg.task.max_length),
              "micro_batching": [int(p.physical_batch_size), p.get("physical_batch_tokens"), p.get("group_by_length")],
              "precision": str(t.get("precision", "32-true")), "devices": t.get("devices", 1)}

@@ -50,6 +50,8 @@ def teacher_key(cfg: DictConfig, private: ControlledCorpus, plan: PrivacyPlan, s
         "privacy": container["privacy"], "plan": fingerprint(plan, "teacher", seed), "trainer": trainer,
         "method": {k: container["method"].get(k) for k in ("optimizer", "trainable", "freeze_embeddings")},
         "seed": seed}
+    if container["method"].get("trainable") == "lora":  # the adapters' shape (absent otherwise: older keys stay)
+        parts["method"]["lora"] = container["method"].get("lora")
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

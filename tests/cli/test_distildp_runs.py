@@ -49,3 +49,15 @@ def test_non_private_control_runs_the_same_stages_without_noise_or_epsilon(tmp_p
     r = read(out)
     assert r["status"] == "ok" and r["privacy"]["stages"] == [] and r["privacy"]["epsilon"] is None
     assert r["timing"]["steps"] == 2 + 2 and r["metrics"]["student_perplexity"] > 1  # the DP run's 4 steps, split
+
+
+def test_lora_dp_stages_compose_to_the_target_epsilon(tmp_path: Path) -> None:
+    out = tmp_path / "lora"
+    proc = dpbench("experiment=distildp_smoke", "method=dpkd_lm", "method.trainable=lora", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = read(out)
+    p = r["privacy"]
+    stages = [Stage(s["name"], s["noise_multiplier"], s["sample_rate"], s["steps"]) for s in p["stages"]]
+    assert r["status"] == "ok" and [s.name for s in stages] == ["teacher", "student"]
+    assert p["epsilon"] == pytest.approx(compute_epsilon(stages, p["delta"]).upper, rel=1e-9) and p["epsilon"] <= 2.0
+    assert r["metrics"]["student_perplexity"] > 1 and r["metrics"]["teacher_perplexity"] > 1

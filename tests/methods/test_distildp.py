@@ -340,3 +340,17 @@ def test_student_stage_batches_post_processed_text_by_student_batch_size(student
     assert plan.batch_size == s_cfg.privacy.batch_size == expect_b and plan.steps == round(2.0 * n / expect_b)
     assert s_cfg.privacy.physical_batch_size <= expect_b
     assert s_cfg.method.optimizer.lr == 0.003 and cfg.privacy.batch_size == 16  # the run's own config untouched
+
+
+def test_lora_dp_stage_changes_only_the_adapted_projections_and_leaves_a_plain_model(tmp_path) -> None:
+    cfg = _smoke("method.trainable=lora", "method.lora.r=2", "method.optimizer.lr=0.05")
+    lm = load_causal_lm(cfg.model)
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    corpus = make_synthetic_corpus(32, 0)
+    plan = distildp.plan_privacy(cfg, len(corpus), private=True)
+    result = distildp.dp_train(cfg, lm, corpus, corpus.subset(8, 0), plan, tmp_path, stage_name="teacher", seed=0)
+    assert result.stage is not None and result.stage.steps == plan.steps  # a DP stage, accounted as such
+    after = dict(lm.model.named_parameters())
+    assert set(after) == set(before)  # merged: the plain model's parameters, no adapters left
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and all(n.endswith("attn.c_attn.weight") for n in changed), changed
